@@ -18,10 +18,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from harness import tools
 from harness.console import ConsoleClosed, Mark, marker_regex
-from harness.initramfs import Initramfs
+from harness.initramfs import Initramfs, InitramfsSpec
+from harness.initramfs import build as build_initramfs
 from harness.kernels import Kernel
 from harness.machine import Machine, MachineSpec
 from harness.outcome import (
@@ -76,6 +78,41 @@ def qemu_version(qemu: str = "qemu-system-x86_64") -> str:
     return match.group(1).strip() if match else "unknown"
 
 
+def harness_modules(kernel: Kernel) -> tuple[str, ...]:
+    """Modules every initramfs gets: the pvpanic driver, so a panic reaches QMP as an event."""
+    if kernel.config.get("CONFIG_PVPANIC_MMIO") == "m":
+        return ("pvpanic_mmio",)
+    return ()
+
+
+def prepare_vm(
+    kernel: Kernel,
+    spec: InitramfsSpec,
+    *,
+    cache_root: Path,
+    workdir: Path,
+    accel: str = "tcg",
+    deadlines: Deadlines = Deadlines(),
+    cmdline: str = "",
+    expected_boots: int = 1,
+    **machine_options: Any,
+) -> Vm:
+    """Build the initramfs (or take it from the cache) and set up a VM to boot it.
+
+    Raises:
+        ConfigError: bad template, module or file (see :func:`harness.initramfs.build`).
+    """
+    modules = tuple(dict.fromkeys((*harness_modules(kernel), *spec.modules)))
+    image = build_initramfs(kernel, replace(spec, modules=modules), cache_root)
+    nonce = new_nonce()
+    machine = machine_spec(
+        kernel, image, nonce=nonce, accel=accel, cmdline=cmdline, **machine_options
+    )
+    (workdir).mkdir(parents=True, exist_ok=True)
+    (workdir / "init.sh").write_text(image.init_script)
+    return Vm(machine, workdir, nonce=nonce, deadlines=deadlines, expected_boots=expected_boots)
+
+
 def machine_spec(
     kernel: Kernel,
     initramfs: Initramfs | Path | None,
@@ -84,14 +121,14 @@ def machine_spec(
     accel: str = "tcg",
     cmdline: str = "",
     prefer_vmlinux: bool = True,
-    **options: object,
+    **options: Any,
 ) -> MachineSpec:
     """The fast-defaults machine for ``kernel``: vmlinux through PVH when it has the entry."""
     image = (kernel.vmlinux() if prefer_vmlinux else None) or kernel.vmlinuz
     initrd = initramfs.path if isinstance(initramfs, Initramfs) else initramfs
     words = [BASE_CMDLINE, f"{NONCE_PARAMETER}={nonce}", kernel.cmdline, cmdline]
     full_cmdline = " ".join(w for w in words if w)
-    return MachineSpec(kernel=image, initrd=initrd, cmdline=full_cmdline, accel=accel, **options)  # type: ignore[arg-type]
+    return MachineSpec(kernel=image, initrd=initrd, cmdline=full_cmdline, accel=accel, **options)
 
 
 @dataclass

@@ -1,0 +1,238 @@
+"""pytest glue: options, markers, kernel parametrization and failure reports.
+
+Loaded through the ``pytest11`` entry point. Fixtures live in :mod:`harness.fixtures`; the
+run's settings live in ``config.stash`` so xdist workers each rebuild them from their own
+options.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Generator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from harness import __version__, cache, config, fixtures
+from harness.boot import Deadlines, Vm, qemu_version
+from harness.outcome import HarnessError, InfraError, Outcome
+
+log = logging.getLogger(__name__)
+
+ACCEL_CHOICES = ("auto", "kvm", "tcg")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The run's bootharness settings, from command-line options and ini values."""
+
+    kernels_file: str | None
+    kernel_selectors: tuple[str, ...]
+    accel: str
+    deadlines: Deadlines
+    keep_artifacts: bool
+    cache_dir: Path
+
+
+settings_key = pytest.StashKey[Settings]()
+catalogue_key = pytest.StashKey[config.Catalogue]()
+vms_key = pytest.StashKey[list[Vm]]()
+passed_key = pytest.StashKey[bool]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("bootharness", "boot Linux kernels under QEMU")
+    group.addoption(
+        "--kernel",
+        action="append",
+        default=[],
+        metavar="NAME|TAG",
+        help="kernel(s) to test, by name, tag or tag:TAG (repeatable; default: the default kernel)",
+    )
+    group.addoption("--kernels", metavar="FILE", help="the kernels.toml to use")
+    group.addoption("--accel", choices=ACCEL_CHOICES, help="QEMU accelerator (default: auto)")
+    group.addoption(
+        "--boot-timeout",
+        type=float,
+        metavar="S",
+        help="deadline (s) for the kernel and init phases",
+    )
+    group.addoption(
+        "--timeout-multiplier", type=float, metavar="X", help="scale every deadline (slow machines)"
+    )
+    group.addoption(
+        "--keep-artifacts",
+        action="store_true",
+        default=None,
+        help="keep the per-test folders (console log, QEMU argv) of passing tests too",
+    )
+    group.addoption(
+        "--bootharness-cache", metavar="DIR", help="cache folder for kernels and images"
+    )
+    parser.addini("bootharness_kernels", "the kernels.toml to use", default="")
+    parser.addini("bootharness_kernel", "default kernel selectors", type="args", default=[])
+    parser.addini("bootharness_accel", "QEMU accelerator: auto, kvm or tcg", default="auto")
+    parser.addini("bootharness_boot_timeout", "deadline (s) for kernel and init phases", default="")
+    parser.addini("bootharness_timeout_multiplier", "scale every deadline", default="1.0")
+    parser.addini(
+        "bootharness_keep_artifacts", "keep artifacts of passing tests", type="bool", default=False
+    )
+    parser.addini("bootharness_cache", "cache folder", default="")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "kernels(*selectors): run this test only on kernels matching a name or tag"
+    )
+    config.addinivalue_line(
+        "markers", "boot: the test boots a real VM (added automatically to tests that boot)"
+    )
+    config.stash[settings_key] = _settings(config)
+    config.pluginmanager.register(fixtures, "bootharness-fixtures")
+
+
+def _settings(config: pytest.Config) -> Settings:
+    def pick(option: str, ini: str) -> str:
+        value = config.getoption(option)
+        return str(value) if value not in (None, "") else str(config.getini(ini) or "")
+
+    accel = pick("accel", "bootharness_accel") or "auto"
+    if accel not in ACCEL_CHOICES:
+        raise pytest.UsageError(
+            f"bootharness_accel = {accel!r}: use one of {', '.join(ACCEL_CHOICES)}"
+        )
+    try:
+        multiplier = float(pick("timeout_multiplier", "bootharness_timeout_multiplier") or 1.0)
+        boot_timeout = pick("boot_timeout", "bootharness_boot_timeout")
+        deadlines = Deadlines(multiplier=multiplier)
+        if boot_timeout:
+            deadlines = Deadlines(
+                kernel=float(boot_timeout), init=float(boot_timeout), multiplier=multiplier
+            )
+    except ValueError as error:
+        raise pytest.UsageError(f"bootharness timeouts must be numbers: {error}") from error
+    keep = config.getoption("keep_artifacts")
+    selectors = tuple(config.getoption("kernel") or config.getini("bootharness_kernel"))
+    return Settings(
+        kernels_file=pick("kernels", "bootharness_kernels") or None,
+        kernel_selectors=selectors,
+        accel=accel,
+        deadlines=deadlines,
+        keep_artifacts=bool(
+            keep if keep is not None else config.getini("bootharness_keep_artifacts")
+        ),
+        cache_dir=cache.cache_root(pick("bootharness_cache", "bootharness_cache") or None),
+    )
+
+
+def catalogue(config: pytest.Config) -> config.Catalogue:
+    """The run's kernels.toml, loaded once (a bad file is a usage error naming every problem)."""
+    if catalogue_key not in config.stash:
+        settings = config.stash[settings_key]
+        try:
+            path = _find_catalogue(settings.kernels_file, config.rootpath)
+            config.stash[catalogue_key] = _load(path)
+        except HarnessError as error:
+            raise pytest.UsageError(str(error)) from error
+    return config.stash[catalogue_key]
+
+
+_find_catalogue = config.find_catalogue
+_load = config.load_catalogue
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize every test that uses the ``kernel`` fixture over the selected kernels."""
+    if "kernel" not in metafunc.fixturenames:
+        return
+    settings = metafunc.config.stash[settings_key]
+    cat = catalogue(metafunc.config)
+    try:
+        entries = cat.select(list(settings.kernel_selectors))
+    except HarnessError as error:
+        raise pytest.UsageError(str(error)) from error
+    marker = metafunc.definition.get_closest_marker("kernels")
+    if marker is not None:
+        wanted = [str(s) for s in marker.args]
+        entries = [e for e in entries if any(e.matches(s) for s in wanted)]
+    if not entries:
+        metafunc.parametrize(
+            "kernel",
+            [
+                pytest.param(
+                    None,
+                    marks=pytest.mark.skip(
+                        reason="no selected kernel matches this test's kernels marker"
+                    ),
+                )
+            ],
+            ids=["no-kernel"],
+            indirect=True,
+        )
+        return
+    metafunc.parametrize(
+        "kernel", entries, ids=[e.name for e in entries], indirect=True, scope="session"
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "boot" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.boot)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    vms = item.stash.get(vms_key, [])
+    error = call.excinfo.value if call.excinfo is not None else None
+    if isinstance(error, HarnessError):
+        report.sections.append(("bootharness outcome", f"{error.outcome.name}: {error.message}"))
+        # DESIGN.md: an INFRA_ERROR is a pytest error, not a failure: the guest was never judged.
+        if isinstance(error, InfraError) and report.when == "call":
+            report.when = "setup"
+    if report.failed and vms:
+        report.sections.append(("bootharness", _failure_section(vms, error)))
+    if report.when == "call":
+        item.stash[passed_key] = report.passed
+    if report.when == "call" or (report.failed and report.when == "setup"):
+        _record_properties(item, vms, error)
+
+
+def _failure_section(vms: list[Vm], error: BaseException | None) -> str:
+    lines = [f"bootharness {__version__}, QEMU {qemu_version()}"]
+    for vm in vms:
+        lines.append(f"console log: {vm.machine.console_log}")
+        lines.append("qemu command: " + " ".join(vm.machine.argv))
+        if vm.machine._console is not None and not isinstance(error, HarnessError):
+            lines.append("console tail:\n" + vm.machine.console.recorder.tail(30))
+    return "\n".join(lines)
+
+
+def _record_properties(item: pytest.Item, vms: list[Vm], error: BaseException | None) -> None:
+    if not vms:
+        return
+    vm = vms[-1]
+    if isinstance(error, HarnessError):
+        outcome = error.outcome
+    elif error is None:
+        outcome = Outcome.PASS
+    else:
+        outcome = Outcome.TEST_FAIL
+    kernel = getattr(vm, "kernel", None)
+    properties = {
+        "kernel": getattr(kernel, "name", ""),
+        "kernel_release": getattr(kernel, "release", ""),
+        "qemu_version": qemu_version(vm.spec.qemu),
+        "accelerator": vm.spec.accel,
+        "outcome": outcome.name,
+    }
+    boot_time = next((m.at for m in vm.marks if m.name in ("PASS", "INIT-START")), None)
+    if boot_time is not None:
+        properties["boot_time"] = f"{boot_time:.3f}"
+    for name, value in properties.items():
+        item.user_properties.append((name, value))
