@@ -67,7 +67,8 @@ class ConsoleRecorder:
         if not self._chunks:
             self.marks.append(Mark("first-byte", now))
         self._chunks.append(chunk)
-        self.scanner.feed(chunk)
+        for fault in self.scanner.feed(chunk):
+            self.marks.append(Mark(f"fault:{fault.name}", now, fault.line.strip()[:120]))
         lines = (self._partial + chunk).split("\n")
         self._partial = lines.pop()
         for line in lines:

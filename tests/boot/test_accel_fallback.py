@@ -1,0 +1,69 @@
+"""On a machine whose KVM hangs, ``auto`` falls back to TCG within 10 s, says so, and boots."""
+
+from __future__ import annotations
+
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+from harness import accel, boot
+from harness.kernels import Kernel
+
+# A QEMU that hangs whenever it is asked for KVM (as KVM guests do on these machines) and is
+# the real QEMU otherwise: the fault is injected, the boot is real.
+HANGING_KVM_QEMU = """#!/bin/sh
+case " $* " in *" kvm "*) exec sleep 1000 ;; esac
+exec {real} "$@"
+"""
+
+
+@pytest.fixture
+def hanging_kvm_qemu(tmp_path: Path) -> str:
+    real = shutil.which("qemu-system-x86_64")
+    assert real is not None
+    wrapper = tmp_path / "qemu-system-x86_64"
+    wrapper.write_text(HANGING_KVM_QEMU.format(real=real))
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def test_auto_falls_back_to_tcg_within_ten_seconds_and_boots(
+    kernel: Kernel, hanging_kvm_qemu: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_kvm = tmp_path / "kvm"
+    fake_kvm.touch()  # the device exists, as it does on these machines
+    started = time.monotonic()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        choice = accel.choose_accelerator(
+            "auto", qemu=hanging_kvm_qemu, cache_dir=tmp_path / "cache", kvm_device=fake_kvm
+        )
+    elapsed = time.monotonic() - started
+    assert choice.name == "tcg"
+    assert elapsed < 10.0
+    assert "hung" in choice.reason or "deadline" in choice.reason, choice.reason
+    assert any("TCG" in str(w.message) for w in caught), "the fallback must be announced"
+
+    from harness.initramfs import InitramfsSpec
+
+    monkeypatch.setenv("PATH", f"{Path(hanging_kvm_qemu).parent}:{__import__('os').environ['PATH']}")
+    vm = boot.prepare_vm(
+        kernel, InitramfsSpec(), cache_root=tmp_path / "img", workdir=tmp_path / "vm",
+        accel=choice.name,
+    )
+    result = boot.run(vm, kernel=kernel, accel=choice.name)
+    assert result.outcome.name == "PASS", result.render()
+    assert "-accel tcg" in " ".join(vm.machine.argv)
+
+
+def test_auto_on_this_host_decides_within_ten_seconds(tmp_path: Path) -> None:
+    """The real probe on this machine's real /dev/kvm (whatever state it is in)."""
+    started = time.monotonic()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        choice = accel.choose_accelerator("auto", cache_dir=tmp_path)
+    assert time.monotonic() - started < 10.0
+    assert choice.name in ("kvm", "tcg") and choice.reason

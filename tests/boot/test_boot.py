@@ -1,0 +1,97 @@
+"""Real boots of the default kernel under TCG: every outcome of DESIGN.md's table."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import boot as boot_module
+from harness.boot import Deadlines
+from harness.kernels import Kernel
+from harness.machine import MachineSpec
+from harness.outcome import BootTimeout, ConfigError, InfraError, KernelFault, Outcome, TestFailure
+
+
+def test_boot_reaches_success_marker(boot) -> None:
+    vm = boot()
+    vm.expect_pass()
+    vm.wait_shutdown()
+    names = [m.name for m in vm.marks]
+    # Phases in the order a boot passes them.
+    for earlier, later in zip(
+        ["qemu-started", "first-byte", "kernel-banner", "INIT-START", "MODULES-LOADED", "PASS"],
+        ["first-byte", "kernel-banner", "INIT-START", "MODULES-LOADED", "PASS", "shutdown"],
+        strict=True,
+    ):
+        assert names.index(earlier) < names.index(later), names
+    assert vm.machine.console_log.read_text().count("Linux version") == 1
+    assert not vm.machine.console.recorder.serious_faults()
+
+
+def test_failing_command_is_test_fail_with_reason(boot) -> None:
+    vm = boot(variables={"commands": ["test -e /no/such/file"]})
+    with pytest.raises(TestFailure, match="command 1 exited 1") as caught:
+        vm.expect_pass()
+    assert caught.value.outcome is Outcome.TEST_FAIL
+    assert caught.value.evidence.log_path == vm.machine.console_log
+
+
+def test_init_that_exits_is_kernel_fault(boot) -> None:
+    vm = boot(variables={"after": "exit"})
+    vm.expect_pass()
+    with pytest.raises(KernelFault, match="Attempted to kill init") as caught:
+        vm.wait_shutdown()
+    assert caught.value.outcome is Outcome.KERNEL_FAULT
+    assert "init-died" in caught.value.message
+    assert "Attempted to kill init" in caught.value.evidence.excerpt
+
+
+def test_sysrq_crash_is_kernel_fault_within_a_second(boot) -> None:
+    vm = boot(variables={"commands": ["echo c > /proc/sysrq-trigger", "sleep 30"]})
+    with pytest.raises(KernelFault, match="sysrq triggered crash") as caught:
+        vm.expect_pass()
+    raised_at = time.monotonic() - vm.machine.started
+    panic = next(m for m in vm.marks if m.name.startswith("fault:"))
+    assert raised_at - panic.at < 1.0, f"fault seen at {panic.at:.2f} s, raised at {raised_at:.2f} s"
+    # The same panic reached QEMU through the pvpanic device.
+    assert vm.qmp.wait_event(["GUEST_PANICKED"], time.monotonic() + 2.0) is not None, [
+        e.name for e in vm.qmp.events
+    ]
+    assert "Kernel panic" in caught.value.evidence.excerpt
+
+
+def test_init_that_sleeps_forever_is_boot_timeout_at_its_deadline(boot) -> None:
+    deadlines = Deadlines(init=4.0)
+    vm = boot(variables={"commands": ["sleep 100000"]}, deadlines=deadlines)
+    started = time.monotonic()
+    with pytest.raises(BootTimeout, match="init phase") as caught:
+        vm.expect_pass()
+    waited = time.monotonic() - started
+    assert deadlines.of("init") <= waited < deadlines.of("init") + 1.5
+    assert caught.value.outcome is Outcome.BOOT_TIMEOUT
+    assert vm.machine.poll() is None, "QEMU must still be alive at a timeout"
+
+
+def test_bad_qemu_option_is_infra_error_with_qemus_message(
+    kernel: Kernel, tmp_path: Path
+) -> None:
+    spec = MachineSpec(kernel=kernel.vmlinuz, extra_args=("-no-such-option",))
+    vm = boot_module.Vm(spec, tmp_path / "vm", nonce="x")
+    with pytest.raises(InfraError) as caught, vm:
+        vm.start()
+    assert "-no-such-option" in caught.value.message
+    assert "invalid option" in caught.value.message
+    assert caught.value.evidence.argv[-1] == "-no-such-option"
+    assert vm.machine.poll() is not None
+
+
+def test_missing_kernel_file_is_config_error(tmp_path: Path) -> None:
+    toml = tmp_path / "kernels.toml"
+    toml.write_text('[kernels."mine"]\nvmlinuz = "no/such/bzImage"\n')
+    from harness.config import load_catalogue
+
+    with pytest.raises(ConfigError, match="no/such/bzImage") as caught:
+        load_catalogue(toml)
+    assert caught.value.outcome is Outcome.CONFIG_ERROR

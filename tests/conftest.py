@@ -1,0 +1,32 @@
+"""Checks that hold for the whole suite."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+def qemu_children(parent: int) -> list[int]:
+    """PIDs of QEMU processes whose parent is ``parent``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)
+            name = fields[0].split("(", 1)[1]
+            ppid = int(fields[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and name.startswith("qemu-system"):
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_qemu_left_behind() -> Iterator[None]:
+    """No test may leave a QEMU process running: checked when the session (or worker) ends."""
+    yield
+    left = qemu_children(os.getpid())
+    assert not left, f"QEMU processes left running after the suite: {left}"
