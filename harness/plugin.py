@@ -88,8 +88,15 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "boot: the test boots a real VM (added automatically to tests that boot)"
     )
-    config.stash[settings_key] = _settings(config)
+    settings = _settings(config)
+    config.stash[settings_key] = settings
     config.pluginmanager.register(fixtures, "bootharness-fixtures")
+    if settings.kernels_file or settings.kernel_selectors:
+        # Asked for explicitly: a bad file or selector is a usage error before collection.
+        try:
+            catalogue(config).select(list(settings.kernel_selectors))
+        except HarnessError as error:
+            raise pytest.UsageError(str(error)) from error
 
 
 def _settings(config: pytest.Config) -> Settings:
@@ -190,7 +197,9 @@ def pytest_runtest_makereport(
     report: pytest.TestReport = outcome.get_result()
     vms = item.stash.get(vms_key, [])
     error = call.excinfo.value if call.excinfo is not None else None
-    if isinstance(error, HarnessError):
+    if isinstance(error, HarnessError) and report.failed:
+        # The evidence says more than a traceback through pexpect and asyncio internals.
+        report.longrepr = f"{error.outcome.name}: {error}"
         report.sections.append(("bootharness outcome", f"{error.outcome.name}: {error.message}"))
         # DESIGN.md: an INFRA_ERROR is a pytest error, not a failure: the guest was never judged.
         if isinstance(error, InfraError) and report.when == "call":

@@ -30,3 +30,8 @@ def no_qemu_left_behind() -> Iterator[None]:
     yield
     left = qemu_children(os.getpid())
     assert not left, f"QEMU processes left running after the suite: {left}"
+
+
+# pytester points HOME at a temporary folder; pin the cache so inner runs reuse the
+# provisioned kernels instead of downloading them again.
+os.environ.setdefault("BOOTHARNESS_CACHE", str(__import__("harness.cache").cache.cache_root()))
