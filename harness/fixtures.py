@@ -50,6 +50,22 @@ class BootVm(Protocol):
     ) -> Vm: ...
 
 
+def _spec(
+    template: str,
+    variables: Mapping[str, Any] | None,
+    modules: Sequence[str],
+    files: Mapping[str, Path | bytes] | None,
+    compression: str = "gzip",
+) -> InitramfsSpec:
+    return InitramfsSpec(
+        template=template,
+        variables=dict(variables or {}),
+        modules=tuple(modules),
+        files=dict(files or {}),
+        compression=compression,
+    )
+
+
 def _settings(request: pytest.FixtureRequest) -> Any:
     from harness.plugin import settings_key
 
@@ -88,13 +104,7 @@ def build_initramfs(request: pytest.FixtureRequest, kernel: kernels.Kernel) -> B
         files: Mapping[str, Path | bytes] | None = None,
         compression: str = "gzip",
     ) -> Initramfs:
-        spec = InitramfsSpec(
-            template=template,
-            variables=dict(variables or {}),
-            modules=tuple(modules),
-            files=dict(files or {}),
-            compression=compression,
-        )
+        spec = _spec(template, variables, modules, files, compression)
         return initramfs.build(kernel, spec, cache_dir)
 
     return build
@@ -147,12 +157,7 @@ def boot(
         expected_boots: int = 1,
         **machine_options: Any,
     ) -> Vm:
-        spec = InitramfsSpec(
-            template=template,
-            variables=dict(variables or {}),
-            modules=tuple(modules),
-            files=dict(files or {}),
-        )
+        spec = _spec(template, variables, modules, files)
         chosen = deadlines or settings.deadlines
         if deadlines is not None and settings.deadlines.multiplier != 1.0:
             chosen = deadlines.scaled(settings.deadlines.multiplier)

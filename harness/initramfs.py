@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import stat
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import cache, compression, cpio, templates, tools
-from harness.cpio import Entry
+from harness.cpio import Entry, EntryKind
 from harness.kernels import Kernel
 from harness.modules import ModuleFile, ModuleIndex
 from harness.outcome import ConfigError
@@ -78,25 +79,24 @@ def build(kernel: Kernel, spec: InitramfsSpec, cache_root: Path) -> Initramfs:
             compression the kernel cannot unpack.
         MissingToolError: busybox (or a compressor) is not installed.
     """
-    if spec.compression not in compression.METHODS:
-        raise ConfigError(
-            f"unknown initramfs compression {spec.compression!r}; "
-            f"use one of: {', '.join(compression.METHODS)}"
-        )
-    if kernel.config:
+    if kernel.config:  # also refuses an unknown method; compress() does when there is no config
         compression.check_kernel_supports(spec.compression, kernel.config, kernel_name=kernel.name)
     modules = resolve_modules(kernel, spec.modules)
     module_entries = [_module_entry(kernel.release, module) for module in modules]
     variables = template_variables(spec, ["/" + entry.path for entry in module_entries])
     init_script = templates.render(spec.template, variables, extra_dirs=spec.template_dirs)
 
-    entries = [
+    try:
+        extra = list(_extra_entries(spec.files))
+    except ValueError as error:  # a path Entry refuses: "../x", "", "a//b"
+        raise ConfigError(f"initramfs files: {error}") from None
+    own = [
         *_base_entries(),
         *busybox_entries(),
         *module_entries,
-        *_extra_entries(spec.files),
         Entry.file("init", init_script.encode(), mode=0o755),
     ]
+    entries = _combine(own, extra)
     mtime = cpio.source_date_epoch()
     key = _digest(entries, spec.compression, mtime)
     suffix = "" if spec.compression == "none" else f".{spec.compression}"
@@ -186,12 +186,38 @@ def _extra_entries(files: Mapping[str, Path | bytes]) -> Iterator[Entry]:
         yield from _host_tree(path, source)
 
 
+def _combine(own: Sequence[Entry], extra: Sequence[Entry]) -> list[Entry]:
+    """The harness's entries plus the spec's files. A folder may be added onto one of ours
+    (``etc``); anything else that would replace or sit below one of ours is refused, since
+    the archive can hold each path once and the harness's files are what the init needs."""
+    by_path = {entry.path: entry for entry in own}
+    for entry in extra:
+        clash = by_path.get(entry.path)
+        if clash is not None and not (clash.kind is entry.kind is EntryKind.DIR):
+            raise ConfigError(
+                f"initramfs file {entry.path!r} clashes with the {clash.kind.name.lower()} "
+                "already at that path (the harness's /init, busybox and its applets, modules "
+                "and base layout, or another of the files); choose another path"
+            )
+        parent = posixpath.dirname(entry.path)
+        while parent:
+            above = by_path.get(parent)
+            if above is not None and above.kind is not EntryKind.DIR:
+                raise ConfigError(
+                    f"initramfs file {entry.path!r} needs {parent!r} to be a folder, but "
+                    f"it is a {above.kind.name.lower()}; choose another path"
+                )
+            parent = posixpath.dirname(parent)
+        by_path[entry.path] = entry
+    return list(by_path.values())
+
+
 def _host_tree(archive_path: str, source: Path) -> Iterator[Entry]:
     info = source.lstat()
     if stat.S_ISLNK(info.st_mode):
         yield Entry.symlink(archive_path, os.readlink(source))
     elif stat.S_ISDIR(info.st_mode):
-        yield Entry.dir(archive_path, mode=stat.S_IMODE(info.st_mode) or 0o755)
+        yield Entry.dir(archive_path)  # 0755 whatever the umask: same bytes on any machine
         for child in sorted(source.iterdir()):
             yield from _host_tree(f"{archive_path}/{child.name}", child)
     elif stat.S_ISREG(info.st_mode):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 import warnings
@@ -49,9 +50,13 @@ def test_auto_falls_back_to_tcg_within_ten_seconds_and_boots(
 
     from harness.initramfs import InitramfsSpec
 
-    monkeypatch.setenv("PATH", f"{Path(hanging_kvm_qemu).parent}:{__import__('os').environ['PATH']}")
+    # Boot through the same hanging-KVM wrapper: it must be asked for TCG only.
+    monkeypatch.setenv("PATH", f"{Path(hanging_kvm_qemu).parent}:{os.environ['PATH']}")
     vm = boot.prepare_vm(
-        kernel, InitramfsSpec(), cache_root=tmp_path / "img", workdir=tmp_path / "vm",
+        kernel,
+        InitramfsSpec(),
+        cache_root=tmp_path / "img",
+        workdir=tmp_path / "vm",
         accel=choice.name,
     )
     result = boot.run(vm, kernel=kernel, accel=choice.name)

@@ -41,9 +41,23 @@ def test_sigkill_of_pytest_mid_boot_leaves_no_qemu(tmp_path: Path) -> None:
     pid_file = tmp_path / "qemu.pid"
     env = dict(os.environ, QEMU_PID_FILE=str(pid_file))
     inner = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--accel", "tcg",
-         "--kernels", str(REPO / "kernels.toml"), str(tmp_path / "test_inner.py")],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--accel",
+            "tcg",
+            "--kernels",
+            str(REPO / "kernels.toml"),
+            str(tmp_path / "test_inner.py"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     qemu_pid = 0
     try:

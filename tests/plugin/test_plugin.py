@@ -41,8 +41,14 @@ def test_markers_and_options_are_registered(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(["*@pytest.mark.kernels(*selectors)*", "*@pytest.mark.boot*"])
     result = pytester.runpytest("--help")
     result.stdout.fnmatch_lines(
-        ["*--kernel=NAME|TAG*", "*--accel*", "*--boot-timeout*", "*--timeout-multiplier*",
-         "*--keep-artifacts*", "*bootharness_accel*"]
+        [
+            "*--kernel=NAME|TAG*",
+            "*--accel*",
+            "*--boot-timeout*",
+            "*--timeout-multiplier*",
+            "*--keep-artifacts*",
+            "*bootharness_accel*",
+        ]
     )
 
 
@@ -65,7 +71,8 @@ def test_kernel_fixture_is_parametrized_with_kernel_names(
     )
     result.assert_outcomes(passed=3)
     # Default selection: the default kernel only; ini option works too.
-    pytester.makeini(f"[pytest]\nbootharness_kernels = {fake_catalogue}\nbootharness_kernel = k-c\n")
+    ini = f"[pytest]\nbootharness_kernels = {fake_catalogue}\nbootharness_kernel = k-c\n"
+    pytester.makeini(ini)
     result = pytester.runpytest("-v", "-k", "release")
     result.stdout.fnmatch_lines(["*test_release?k-c? PASSED*"])
 
