@@ -9,6 +9,7 @@ a harness bug and propagates with its traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import select
@@ -116,7 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--shell", action="store_true", help="after the init succeeds, attach to a shell"
     )
     run.set_defaults(func=cmd_boot)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(commands, common)
     return parser
+
+
+# Modules that add subcommands of their own: each has
+# ``register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None``
+# and sets ``func`` on its parsers like the commands above.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
