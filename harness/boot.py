@@ -15,25 +15,23 @@ import re
 import secrets
 import subprocess
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from harness import tools
-from harness.console import ConsoleClosed, Mark, marker_regex
+from harness.console import Console, ConsoleClosed, Mark, marker_regex
 from harness.initramfs import Initramfs, InitramfsSpec
 from harness.initramfs import build as build_initramfs
 from harness.kernels import Kernel
 from harness.machine import Machine, MachineSpec
 from harness.outcome import (
-    BootFailure,
     Evidence,
     HarnessError,
-    InfraError,
     Outcome,
     TestFailure,
 )
+from harness.qmp import Qmp
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +108,14 @@ def prepare_vm(
     )
     (workdir).mkdir(parents=True, exist_ok=True)
     (workdir / "init.sh").write_text(image.init_script)
-    return Vm(machine, workdir, nonce=nonce, deadlines=deadlines, expected_boots=expected_boots)
+    return Vm(
+        machine,
+        workdir,
+        nonce=nonce,
+        deadlines=deadlines,
+        expected_boots=expected_boots,
+        kernel=kernel,
+    )
 
 
 def machine_spec(
@@ -184,24 +189,26 @@ class Vm:
         nonce: str,
         deadlines: Deadlines = Deadlines(),
         expected_boots: int = 1,
+        kernel: Kernel | None = None,
     ) -> None:
         self.spec = spec
+        self.kernel = kernel  # what it boots, for reports (None for a hand-made spec)
         self.nonce = nonce
         self.deadlines = deadlines
         self.machine = Machine(spec, workdir, nonce=nonce, expected_boots=expected_boots)
 
     @property
-    def console(self):  # type: ignore[no-untyped-def]  # re-exported for tests
+    def console(self) -> Console:
         return self.machine.console
 
     @property
-    def qmp(self):  # type: ignore[no-untyped-def]
+    def qmp(self) -> Qmp:
         return self.machine.qmp
 
     @property
     def marks(self) -> list[Mark]:
         started = [Mark("qemu-started", 0.0)]
-        if self.machine._console is None:
+        if not self.machine.launched:
             return started
         return started + self.machine.console.recorder.marks
 
@@ -317,15 +324,3 @@ def run(vm: Vm, *, kernel: Kernel, accel: str, wait_shutdown: bool = True) -> Bo
         qemu_version=qemu_version(vm.spec.qemu),
         error=error,
     )
-
-
-__all__: Sequence[str] = (
-    "BootFailure",
-    "BootResult",
-    "Deadlines",
-    "InfraError",
-    "Vm",
-    "machine_spec",
-    "new_nonce",
-    "run",
-)

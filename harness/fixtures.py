@@ -172,7 +172,6 @@ def boot(
             expected_boots=expected_boots,
             **machine_options,
         )
-        vm.kernel = kernel  # type: ignore[attr-defined]  # for the report's properties
         vms.append(vm)
         if start:
             vm.start()

@@ -264,5 +264,8 @@ def _run(
         message = f"could not {what}: {' '.join(argv)} exited {result.returncode}"
         if hint:
             message += f"; {hint}"
-        raise InfraError(message + "\n" + (result.stderr or "").strip())
+        stderr = (result.stderr or "").strip()
+        # apt's own words for a name it does not know: the entry is wrong, not the network.
+        error = ConfigError if "Unable to locate package" in stderr else InfraError
+        raise error(message + "\n" + stderr)
     return result.stdout or ""

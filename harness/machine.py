@@ -164,6 +164,11 @@ class Machine:
         assert self._console is not None, "machine not launched"
         return self._console
 
+    @property
+    def launched(self) -> bool:
+        """True once QEMU was started (the console and QMP exist)."""
+        return self._console is not None
+
     def launch(self) -> None:
         """Start QEMU paused and connect QMP and the console; the guest does not run yet.
 

@@ -217,7 +217,7 @@ def _failure_section(vms: list[Vm], error: BaseException | None) -> str:
     for vm in vms:
         lines.append(f"console log: {vm.machine.console_log}")
         lines.append("qemu command: " + " ".join(vm.machine.argv))
-        if vm.machine._console is not None and not isinstance(error, HarnessError):
+        if vm.machine.launched and not isinstance(error, HarnessError):
             lines.append("console tail:\n" + vm.machine.console.recorder.tail(30))
     return "\n".join(lines)
 
@@ -232,10 +232,9 @@ def _record_properties(item: pytest.Item, vms: list[Vm], error: BaseException | 
         outcome = Outcome.PASS
     else:
         outcome = Outcome.TEST_FAIL
-    kernel = getattr(vm, "kernel", None)
     properties = {
-        "kernel": getattr(kernel, "name", ""),
-        "kernel_release": getattr(kernel, "release", ""),
+        "kernel": vm.kernel.name if vm.kernel else "",
+        "kernel_release": vm.kernel.release if vm.kernel else "",
         "qemu_version": qemu_version(vm.spec.qemu),
         "accelerator": vm.spec.accel,
         "outcome": outcome.name,
