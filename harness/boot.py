@@ -17,7 +17,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness import tools
 from harness.console import Console, ConsoleClosed, Mark, marker_regex
@@ -32,6 +32,11 @@ from harness.outcome import (
     TestFailure,
 )
 from harness.qmp import Qmp
+
+if TYPE_CHECKING:
+    from harness.qmp import QmpEvent
+    from harness.shell import GuestShell
+    from harness.vmstate import VmState
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +291,44 @@ class Vm:
             argv=self.machine.argv,
             stderr=self.machine.stderr_text(),
         )
+
+    # Driving the guest (harness/shell.py, vmstate.py, power.py, exitcode.py): thin entry
+    # points, so tests write vm.shell().run(...) and vm.reset(); the modules say what raises.
+
+    def shell(self, **options: Any) -> GuestShell:
+        """The guest shell (init run with ``after="shell"``), attached on first use."""
+        from harness.shell import GuestShell
+
+        current = getattr(self, "_guest_shell", None)
+        if current is None or options:
+            current = GuestShell(self, **options)
+            self._guest_shell = current
+        return current
+
+    @property
+    def state(self) -> VmState:
+        """Typed QMP queries and commands (run state, block and PCI devices, stop/cont)."""
+        from harness.vmstate import VmState
+
+        return VmState(self.qmp)
+
+    def reset(self, timeout: float | None = None) -> QmpEvent:
+        """Reset on purpose and wait for the new boot's INIT-START (see harness.power.reset)."""
+        from harness import power
+
+        return power.reset(self, timeout)
+
+    def power_button(self, timeout: float | None = None) -> QmpEvent:
+        """Press the ACPI power button, wait for the guest to power off; the SHUTDOWN event."""
+        from harness import power
+
+        return power.press_power_button(self, timeout)
+
+    def wait_exit_code(self, *, timeout: float | None = None, check: bool = True) -> int:
+        """The guest's isa-debug-exit code (see harness.exitcode.wait_exit_code)."""
+        from harness import exitcode
+
+        return exitcode.wait_exit_code(self, timeout=timeout, check=check)
 
     def stop(self) -> None:
         self.machine.stop()

@@ -14,11 +14,14 @@ from typing import Any, Protocol
 
 import pytest
 
-from harness import accel, initramfs, kernels
+from harness import accel, capabilities, initramfs, kernels, storage
+from harness import snapshot as snapshots
 from harness.boot import Deadlines, Vm, prepare_vm
 from harness.config import KernelEntry
+from harness.controllers import Disk
 from harness.initramfs import Initramfs, InitramfsSpec
 from harness.outcome import HarnessError
+from harness.shell import GuestShell
 from harness.templates import DEFAULT_TEMPLATE
 
 
@@ -46,6 +49,8 @@ class BootVm(Protocol):
         deadlines: Deadlines | None = ...,
         start: bool = ...,
         expected_boots: int = ...,
+        disks: Sequence[Disk] = ...,
+        snapshot: bool | str | None = ...,
         **machine_options: Any,
     ) -> Vm: ...
 
@@ -110,6 +115,16 @@ def build_initramfs(request: pytest.FixtureRequest, kernel: kernels.Kernel) -> B
     return build
 
 
+@pytest.fixture(autouse=True)
+def _bootharness_kernel_config(request: pytest.FixtureRequest) -> None:
+    """Skip a test marked ``kernel_config(*options)`` when its kernel lacks one of them."""
+    marker = request.node.get_closest_marker(capabilities.MARKER)
+    if marker is None or "kernel" not in request.fixturenames:
+        return
+    kernel_under_test = request.getfixturevalue("kernel")
+    capabilities.require_config(kernel_under_test, *(str(o) for o in marker.args))
+
+
 @pytest.fixture
 def bootharness_workdir(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -125,6 +140,31 @@ def bootharness_workdir(
 
     if request.node.stash.get(passed_key, False) and not _settings(request).keep_artifacts:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _snapshot_mode(request: pytest.FixtureRequest, settings: Any, asked: bool | str | None) -> str:
+    """``off``, or the snapshot mechanism a VM starts with: ``boot(snapshot=...)`` first,
+    then the ``cold_boot`` and ``snapshot`` markers, then ``--snapshots``."""
+    chosen = str(getattr(settings, "snapshots", "off"))
+    default = chosen if chosen != "off" else snapshots.AUTO
+    if asked is False:
+        return "off"
+    if asked is True:
+        return default
+    if isinstance(asked, str):
+        mode = asked
+    elif request.node.get_closest_marker("cold_boot") is not None:
+        return "off"
+    elif (marker := request.node.get_closest_marker("snapshot")) is not None:
+        mode = str(marker.kwargs.get("mechanism", marker.args[0] if marker.args else default))
+    else:
+        return chosen
+    if mode not in snapshots.MODES:
+        raise pytest.UsageError(
+            f"{request.node.nodeid}: snapshot mechanism {mode!r}: use one of "
+            f"{', '.join(snapshots.MODES)}"
+        )
+    return mode
 
 
 @pytest.fixture
@@ -155,23 +195,63 @@ def boot(
         deadlines: Deadlines | None = None,
         start: bool = True,
         expected_boots: int = 1,
+        disks: Sequence[Disk] = (),
+        snapshot: bool | str | None = None,
         **machine_options: Any,
     ) -> Vm:
+        vm_dir = bootharness_workdir / f"vm{len(vms)}"
+        disk_setup = None
+        # Snapshots (harness/snapshot.py): every restore attaches its own disk overlays.
+        mode = _snapshot_mode(request, settings, snapshot)
+        if disks:
+            # Controllers' drivers (and the root's file system) join the initramfs by
+            # themselves; a kernel without them skips the test with the reason.
+            disk_setup = storage.plan(
+                disks, machine=str(machine_options.get("machine", "pc")), variables=variables
+            )
+            lacking = capabilities.lacks_reason(kernel, disk_setup.requirements)
+            if lacking is not None:
+                pytest.skip(lacking)
+            modules = (*disk_setup.modules, *modules)
+            extra = list(machine_options.get("extra_args", ()))
+            if mode == "off":
+                machine_options["extra_args"] = (*disk_setup.attach(vm_dir), *extra)
         spec = _spec(template, variables, modules, files)
         chosen = deadlines or settings.deadlines
         if deadlines is not None and settings.deadlines.multiplier != 1.0:
             chosen = deadlines.scaled(settings.deadlines.multiplier)
-        vm = prepare_vm(
-            kernel,
-            spec,
-            cache_root=settings.cache_dir,
-            workdir=bootharness_workdir / f"vm{len(vms)}",
-            accel=bootharness_accel.name,
-            deadlines=chosen,
-            cmdline=cmdline,
-            expected_boots=expected_boots,
-            **machine_options,
-        )
+        # A loaded machine (xdist, a shared runner) slows the guest, not the deadline: stretch
+        # the run's deadlines by the load at start. A test's own Deadlines are its measure.
+        load = _load_factor(request) if deadlines is None else 1.0
+        chosen = chosen.scaled(load) if load != 1.0 else chosen
+        if mode != "off":
+            vm: Vm = snapshots.prepare_vm(
+                kernel,
+                spec,
+                cache_root=settings.cache_dir,
+                workdir=vm_dir,
+                accel=bootharness_accel.name,
+                deadlines=chosen,
+                cmdline=cmdline,
+                expected_boots=expected_boots,
+                storage=disk_setup,
+                mechanism=mode,
+                **machine_options,
+            )
+        else:
+            vm = prepare_vm(
+                kernel,
+                spec,
+                cache_root=settings.cache_dir,
+                workdir=vm_dir,
+                accel=bootharness_accel.name,
+                deadlines=chosen,
+                cmdline=cmdline,
+                expected_boots=expected_boots,
+                **machine_options,
+            )
+        vm.storage = disk_setup  # type: ignore[attr-defined]  # its overlays, for the test
+        vm.load_factor = load  # type: ignore[attr-defined]  # for the results
         vms.append(vm)
         if start:
             vm.start()
@@ -180,3 +260,52 @@ def boot(
     yield start_vm
     for vm in vms:
         vm.stop()
+
+
+def _load_factor(request: pytest.FixtureRequest) -> float:
+    from harness import loadscale
+    from harness.matrix import matrix_key
+
+    matrix_settings = request.config.stash.get(matrix_key, None)
+    if matrix_settings is not None and not matrix_settings.load_scaling:
+        return 1.0
+    return loadscale.load_factor()
+
+
+@pytest.fixture
+def controller(request: pytest.FixtureRequest) -> Any:
+    """The disk controller under test (a :class:`harness.controllers.Controller`),
+    parametrized over ``--controller NAME|all`` (default: virtio-blk); ids show its name."""
+    if getattr(request, "param", None) is None:
+        pytest.skip("no controller selected")
+    return request.param
+
+
+@pytest.fixture
+def template(request: pytest.FixtureRequest) -> str:
+    """The init template under test (file name), parametrized over ``--template NAME|all``."""
+    if getattr(request, "param", None) is None:
+        pytest.skip("no template selected")
+    return str(request.param)
+
+
+class GuestFactory(Protocol):
+    def __call__(
+        self, *, variables: Mapping[str, Any] | None = ..., **boot_options: Any
+    ) -> GuestShell: ...
+
+
+@pytest.fixture
+def guest(boot: BootVm) -> GuestFactory:
+    """Boot a guest whose init ends in a shell and return that shell, attached.
+
+    ``guest(**boot_options)`` takes what ``boot`` takes; ``after="shell"`` is set unless the
+    variables say otherwise. Returns a :class:`harness.shell.GuestShell` (its VM is
+    ``.vm``): ``guest().run("cat /proc/mounts")``.
+    """
+
+    def start(*, variables: Mapping[str, Any] | None = None, **boot_options: Any) -> GuestShell:
+        merged = {"after": "shell", **(variables or {})}
+        return boot(variables=merged, **boot_options).shell()
+
+    return start

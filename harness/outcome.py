@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 class Outcome(enum.Enum):
-    """How one boot ended. Order matters: :meth:`worst` picks the most severe."""
+    """How one boot ended."""
 
     PASS = "pass"
     TEST_FAIL = "test-fail"

@@ -14,13 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from harness import __version__, cache, config, fixtures
+from harness import __version__, cache, config, fixtures, matrix
 from harness.boot import Deadlines, Vm, qemu_version
 from harness.outcome import HarnessError, InfraError, Outcome
+from harness.vmstate import render_event_log
 
 log = logging.getLogger(__name__)
 
 ACCEL_CHOICES = ("auto", "kvm", "tcg")
+SNAPSHOT_CHOICES = ("off", "auto", "shared-ram", "stream")
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class Settings:
     deadlines: Deadlines
     keep_artifacts: bool
     cache_dir: Path
+    snapshots: str = "off"  # off, auto, shared-ram or stream (harness.snapshot)
 
 
 settings_key = pytest.StashKey[Settings]()
@@ -79,18 +82,42 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "bootharness_keep_artifacts", "keep artifacts of passing tests", type="bool", default=False
     )
     parser.addini("bootharness_cache", "cache folder", default="")
+    group.addoption(
+        "--snapshots",
+        choices=SNAPSHOT_CHOICES,
+        help="start tests from a booted snapshot of their VM (auto: the best mechanism that "
+        "works; default off; marker snapshot / cold_boot per test)",
+    )
+    parser.addini("bootharness_snapshots", "snapshots: off, auto, shared-ram or stream", default="")
+    matrix.add_options(group, parser)  # controllers, templates, retries, reports
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "kernels(*selectors): run this test only on kernels matching a name or tag"
+        "markers",
+        "kernels(*selectors): run this test only on kernels matching a name or tag; "
+        "kernels(..., widen=True): without --kernel, on every such kernel, not just the default",
+    )
+    config.addinivalue_line(
+        "markers",
+        "kernel_config(*options): skip unless the kernel has every CONFIG_ option (y or m; "
+        "A|B: either)",
     )
     config.addinivalue_line(
         "markers", "boot: the test boots a real VM (added automatically to tests that boot)"
     )
+    config.addinivalue_line(
+        "markers",
+        "snapshot(mechanism='auto'): start this test's VMs from a booted snapshot "
+        "(auto, shared-ram or stream)",
+    )
+    config.addinivalue_line(
+        "markers", "cold_boot: always boot this test's VMs cold, even with --snapshots"
+    )
     settings = _settings(config)
     config.stash[settings_key] = settings
     config.pluginmanager.register(fixtures, "bootharness-fixtures")
+    matrix.configure(config)
     if settings.kernels_file or settings.kernel_selectors:
         # Asked for explicitly: a bad file or selector is a usage error before collection.
         try:
@@ -121,6 +148,11 @@ def _settings(config: pytest.Config) -> Settings:
         raise pytest.UsageError(f"bootharness timeouts must be numbers: {error}") from error
     keep = config.getoption("keep_artifacts")
     selectors = tuple(config.getoption("kernel") or config.getini("bootharness_kernel"))
+    snapshots = pick("snapshots", "bootharness_snapshots") or "off"
+    if snapshots not in SNAPSHOT_CHOICES:
+        raise pytest.UsageError(
+            f"bootharness_snapshots = {snapshots!r}: use one of {', '.join(SNAPSHOT_CHOICES)}"
+        )
     return Settings(
         kernels_file=pick("kernels", "bootharness_kernels") or None,
         kernel_selectors=selectors,
@@ -130,6 +162,7 @@ def _settings(config: pytest.Config) -> Settings:
             keep if keep is not None else config.getini("bootharness_keep_artifacts")
         ),
         cache_dir=cache.cache_root(pick("bootharness_cache", "bootharness_cache") or None),
+        snapshots=snapshots,
     )
 
 
@@ -162,6 +195,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     marker = metafunc.definition.get_closest_marker("kernels")
     if marker is not None:
         wanted = [str(s) for s in marker.args]
+        if marker.kwargs.get("widen") and not settings.kernel_selectors:
+            # A matrix test (kernels("nightly", widen=True)) covers every matching kernel
+            # when the run names none; an explicit --kernel still narrows it.
+            entries = list(cat.kernels)
         entries = [e for e in entries if any(e.matches(s) for s in wanted)]
     if not entries:
         metafunc.parametrize(
@@ -217,6 +254,9 @@ def _failure_section(vms: list[Vm], error: BaseException | None) -> str:
     for vm in vms:
         lines.append(f"console log: {vm.machine.console_log}")
         lines.append("qemu command: " + " ".join(vm.machine.argv))
+        events = render_event_log(vm.machine.qmp_log)
+        if events:
+            lines.append(f"qmp events ({vm.machine.qmp_log}):\n{events}")
         if vm.machine.launched and not isinstance(error, HarnessError):
             lines.append("console tail:\n" + vm.machine.console.recorder.tail(30))
     return "\n".join(lines)
@@ -242,5 +282,8 @@ def _record_properties(item: pytest.Item, vms: list[Vm], error: BaseException | 
     boot_time = next((m.at for m in vm.marks if m.name in ("PASS", "INIT-START")), None)
     if boot_time is not None:
         properties["boot_time"] = f"{boot_time:.3f}"
+    mechanism = getattr(vm, "boot_mechanism", None)  # set on VMs asked to use a snapshot
+    if mechanism is not None:
+        properties["boot_mechanism"] = str(mechanism)
     for name, value in properties.items():
         item.user_properties.append((name, value))
