@@ -5,28 +5,15 @@ from __future__ import annotations
 import gzip
 import io
 import shutil
-import struct
 from pathlib import Path
 
 import pytest
 
 from harness import cli, cpio
 from harness.cpio import Entry
+from tests.fakes import fake_bzimage
 
 RELEASE = "6.1.0-test"
-
-
-def fake_bzimage(path: Path, release: str = RELEASE) -> Path:
-    """The least of a bzImage that ``bzimage.release_of`` accepts."""
-    data = bytearray(0x400)
-    data[0x202:0x206] = b"HdrS"
-    struct.pack_into("<H", data, 0x206, 0x20F)
-    pointer = 0x100
-    struct.pack_into("<H", data, 0x20E, pointer)
-    text = f"{release} (x@y) #1".encode() + b"\0"
-    data[pointer + 0x200 : pointer + 0x200 + len(text)] = text
-    path.write_bytes(bytes(data))
-    return path
 
 
 @pytest.fixture

@@ -10,18 +10,7 @@ import pytest
 from harness import kernels
 from harness.config import DebianPackage, KernelEntry, LocalFiles
 from harness.outcome import ConfigError
-
-
-def fake_bzimage(path: Path, release: str) -> Path:
-    """The smallest file whose boot header names ``release``."""
-    data = bytearray(0x400)
-    data[0x202:0x206] = b"HdrS"
-    data[0x206:0x208] = (0x20F).to_bytes(2, "little")
-    data[0x20E:0x210] = (0x100).to_bytes(2, "little")
-    text = f"{release} (someone@example) #1 SMP".encode()
-    data[0x300 : 0x300 + len(text)] = text
-    path.write_bytes(bytes(data))
-    return path
+from tests.fakes import fake_bzimage
 
 
 def test_parse_config_keeps_values_and_drops_unset_options() -> None:
