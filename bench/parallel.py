@@ -1,0 +1,107 @@
+"""Parallel speed-up: the same set of boots with ``pytest -n 1`` and ``pytest -n 2``.
+
+Both run in this one invocation, alternating for --rounds rounds, on the same generated test
+file (N real boots of the default kernel to its success marker and power-off, under TCG),
+with a warm cache (one boot first builds what the others share). For each run it records the
+wall time of the whole pytest process and, from the run's JSON results, the span from the
+first boot's start to the last boot's end (what parallelism can speed up; worker start-up
+excluded). Prints, each on its own line:
+  speed-up: X           wall time of -n 1 / wall time of -n 2, median over the rounds
+                        (goal at least 1.8 on 2 cores)
+  speed-up (boots): Y   the same for the boots' span only
+Run: .venv/bin/python bench/parallel.py [--boots N] [--rounds R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TEST = """
+import pytest
+
+@pytest.mark.parametrize("n", range({boots}))
+def test_boot(boot, n):
+    vm = boot()
+    vm.expect_pass()
+    vm.wait_shutdown()
+"""
+
+
+def run(folder: Path, workers: int, boots: int) -> tuple[float, float, float]:
+    """Wall seconds of the pytest process, seconds from the first boot's start to the last
+    one's end, and the mean seconds one boot took (longer under -n 2 only if CPU-starved)."""
+    results = folder / f"results-n{workers}.json"
+    argv = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "xdist",
+        "-n",
+        str(workers),
+        f"--kernels={REPO / 'kernels.toml'}",
+        "--accel=tcg",
+        f"--bootharness-json={results}",
+        "test_parallel.py",
+    ]
+    started = time.monotonic()
+    done = subprocess.run(argv, cwd=folder, capture_output=True, text=True, check=False)
+    wall = time.monotonic() - started
+    if done.returncode != 0:
+        sys.exit(f"pytest -n {workers} failed:\n{done.stdout}\n{done.stderr}")
+    tests = json.loads(results.read_text())["tests"]
+    if len(tests) != boots:
+        sys.exit(f"expected {boots} boots, the results hold {len(tests)}")
+    span = max(t["started"] + t["duration"] for t in tests) - min(t["started"] for t in tests)
+    mean = sum(t["duration"] for t in tests) / len(tests)
+    return wall, span, mean
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--boots", type=int, default=10, help="boots per run (default 10)")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="alternating -n 1/-n 2 rounds (median; default 2)"
+    )
+    args = parser.parse_args()
+    walls: list[float] = []
+    spans: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="bh-parallel-") as tmp:
+        folder = Path(tmp)
+        (folder / "pytest.ini").write_text("[pytest]\n")
+        (folder / "test_parallel.py").write_text(TEST.format(boots=args.boots))
+        (folder / "warm").mkdir()
+        (folder / "warm" / "pytest.ini").write_text("[pytest]\n")
+        (folder / "warm" / "test_parallel.py").write_text(TEST.format(boots=1))
+        run(folder / "warm", 1, 1)  # fills the caches both measured runs then share
+        print(f"cpus: {os.cpu_count()}, boots per run: {args.boots}, rounds: {args.rounds}")
+        for round_number in range(1, args.rounds + 1):
+            # Alternating, so a burst of other load on the machine hits both alike.
+            load = os.getloadavg()[0]
+            one_wall, one_span, one_mean = run(folder, 1, args.boots)
+            two_wall, two_span, two_mean = run(folder, 2, args.boots)
+            walls.append(one_wall / two_wall)
+            spans.append(one_span / two_span)
+            print(
+                f"round {round_number} (load before {load:.2f}): "
+                f"-n 1 {one_wall:.1f} s wall, {one_mean:.2f} s per boot; "
+                f"-n 2 {two_wall:.1f} s wall, {two_mean:.2f} s per boot"
+            )
+    print(f"speed-up: {statistics.median(walls):.2f}")
+    print(f"speed-up (boots): {statistics.median(spans):.2f}")
+
+
+if __name__ == "__main__":
+    main()
