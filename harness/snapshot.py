@@ -803,19 +803,17 @@ def ensure(
 # -- a VM that starts from a snapshot
 
 
-def go_line(nonce: str, *, epoch: float | None = None) -> str:
-    """The line that lets a restored init go on: its nonce, the time, fresh randomness."""
+def go_line(nonce: str, rest: str, *, epoch: float | None = None) -> str:
+    """The line that lets a restored init go on: its nonce, the time, fresh randomness,
+    and the size in bytes of the rest of the script that follows it (:func:`rest_message`)."""
     when = round(time.time() if epoch is None else epoch)
-    return f"GO {nonce} {when} {secrets.token_hex(32)} {secrets.randbelow(32768)}\n"
+    size = len(rest_message(rest).encode())
+    return f"GO {nonce} {when} {secrets.token_hex(32)} {secrets.randbelow(32768)} {size}\n"
 
 
-def rest_message(rest: str, nonce: str) -> str:
-    """The test's rest of script as sent after the go line, ending with the end line."""
-    text = rest if rest.endswith("\n") else rest + "\n"
-    end = f"END {nonce}"
-    if end in text.splitlines():  # a fresh random nonce: cannot happen by accident
-        raise SnapshotError("the test's script contains the end line of its own transfer")
-    return f"{text}{end}\n"
+def rest_message(rest: str) -> str:
+    """The test's rest of script as sent after the go line: whole lines, nothing after."""
+    return rest if rest.endswith("\n") else rest + "\n"
 
 
 class SnapshotVm(Vm):
@@ -935,7 +933,7 @@ class SnapshotVm(Vm):
         recorder.marks.append(Mark("restored", time.monotonic() - recorder.started))
         self.machine.resume()
         # Sent only now: a byte the serial port took in before the load would be lost.
-        self.machine.console.send(go_line(nonce) + rest_message(self.plan.rest, nonce))
+        self.machine.console.send(go_line(nonce, self.plan.rest) + rest_message(self.plan.rest))
         self.boot_mechanism = snapshot.mechanism
         self.expect_marker("RESUMED", phase="firmware")
 

@@ -52,21 +52,21 @@ def test_commands_do_not_change_the_shared_part() -> None:
     assert first[1] != second[1]
 
 
-def test_go_line_carries_nonce_time_and_fresh_randomness() -> None:
-    line = snapshot.go_line("abc123")
-    word, nonce, epoch, seed, random = line.split()
+def test_go_line_carries_nonce_time_randomness_and_the_rest_size() -> None:
+    rest = "echo a\necho \u00e9"  # the size counts bytes, not characters
+    line = snapshot.go_line("abc123", rest)
+    word, nonce, epoch, seed, random, size = line.split()
     assert line.endswith("\n") and word == "GO" and nonce == "abc123"
     assert abs(int(epoch) - time.time()) <= 2
     assert re.fullmatch(r"[0-9a-f]{64}", seed)
     assert 0 <= int(random) < 32768
-    assert snapshot.go_line("abc123").split()[3] != seed
+    assert int(size) == len(snapshot.rest_message(rest).encode()) == len(rest.encode()) + 1
+    assert snapshot.go_line("abc123", rest).split()[3] != seed
 
 
-def test_rest_message_ends_with_the_nonce_end_line() -> None:
-    message = snapshot.rest_message("echo a\necho b", "n1")
-    assert message == "echo a\necho b\nEND n1\n"
-    with pytest.raises(snapshot.SnapshotError, match="end line"):
-        snapshot.rest_message("echo a\nEND n1\n", "n1")
+def test_rest_message_is_whole_lines() -> None:
+    assert snapshot.rest_message("echo a\necho b") == "echo a\necho b\n"
+    assert snapshot.rest_message("echo a\n") == "echo a\n"
 
 
 def test_nonce_is_left_out_of_the_key_cmdline() -> None:
