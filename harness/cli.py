@@ -29,7 +29,7 @@ from harness import boot, compression, cpio, initramfs, report, templates
 from harness.accel import VALID_REQUESTS, KvmFallbackWarning, choose_accelerator
 from harness.cache import cache_root
 from harness.config import Catalogue, KernelEntry, find_catalogue, load_catalogue
-from harness.kernels import Kernel, is_provisioned, provision
+from harness.kernels import is_provisioned, provision
 from harness.outcome import ConfigError, HarnessError, Outcome
 
 log = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
         kernel,
         spec,
         cache_root=root,
-        workdir=args.workdir or _new_workdir(root, kernel),
+        workdir=args.workdir or new_run_dir(root, kernel.name),
         accel=choice.name,
         deadlines=deadlines,
         cmdline=args.cmdline,
@@ -331,8 +331,9 @@ def _pairs(values: Sequence[str], option: str, form: str) -> list[tuple[str, str
     return pairs
 
 
-def _new_workdir(root: Path, kernel: Kernel) -> Path:
-    base = root / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{kernel.name}"
+def new_run_dir(root: Path, label: str) -> Path:
+    """A new folder ``<root>/runs/<timestamp>-<label>`` for one run's files (never reused)."""
+    base = root / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{label}"
     base.parent.mkdir(parents=True, exist_ok=True)
     candidate, n = base, 1
     while True:

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from harness import bundle, fanout, matrix, replay
 from harness.cache import cache_root
+from harness.cli import attach, new_run_dir
 from harness.config import find_catalogue, load_catalogue
 from harness.outcome import ConfigError, HarnessError
 
@@ -85,7 +85,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     found = bundle.load(args.bundle)
     root = cache_root(args.cache)
     kernel_name = found.data["kernel"]["name"] or "kernel"
-    workdir = args.workdir or _new_workdir(root, kernel_name)
+    workdir = args.workdir or new_run_dir(root, f"replay-{kernel_name}")
     prepared = replay.prepare(
         found, workdir, cache_root=root, kernels_file=args.kernels, accel=args.accel
     )
@@ -103,8 +103,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _shell(prepared: replay.Replay) -> int:
-    from harness.cli import attach
-
     vm = prepared.vm
     with vm:
         try:
@@ -119,16 +117,3 @@ def _shell(prepared: replay.Replay) -> int:
         print("console attached; Ctrl-] to leave", file=sys.stderr, flush=True)
         attach(vm.console.child)
     return 0
-
-
-def _new_workdir(root: Path, kernel: str) -> Path:
-    base = root / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-replay-{kernel}"
-    base.parent.mkdir(parents=True, exist_ok=True)
-    candidate, n = base, 1
-    while True:
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:  # two replays in the same second
-            n += 1
-            candidate = base.with_name(f"{base.name}.{n}")

@@ -12,22 +12,13 @@ from pathlib import Path
 
 import pytest
 
-
-def _fake_bzimage(path: Path, release: str) -> None:
-    data = bytearray(0x400)
-    data[0x1F1] = 1
-    data[0x202:0x206] = b"HdrS"
-    data[0x206:0x208] = (0x20F).to_bytes(2, "little")
-    data[0x20E:0x210] = (0x100).to_bytes(2, "little")
-    text = f"{release} (fake@example) #1".encode()
-    data[0x300 : 0x300 + len(text)] = text
-    path.write_bytes(bytes(data))
+from tests.fakes import fake_bzimage
 
 
 @pytest.fixture
 def catalogue(pytester: pytest.Pytester) -> str:
     for name in ("a", "b"):
-        _fake_bzimage(pytester.path / f"bz-{name}", f"6.1.0-{name}")
+        fake_bzimage(pytester.path / f"bz-{name}", f"6.1.0-{name}")
     toml = pytester.path / "kernels.toml"
     toml.write_text(
         'default = "k-a"\n'
