@@ -19,7 +19,7 @@ import sys
 import time
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import boot, cache
@@ -88,8 +88,8 @@ class BootOracle:
         kernel = self.kernels(name)
         # Build the image prepare_vm will boot (same modules, same digest) to key the cache
         # before booting; prepare_vm's own build is then a cache hit.
-        modules = tuple(dict.fromkeys((*boot.harness_modules(kernel), *self.spec.modules)))
-        image = initramfs_module.build(kernel, replace(self.spec, modules=modules), self.cache_root)
+        spec = boot.with_harness_modules(kernel, self.spec)
+        image = initramfs_module.build(kernel, spec, self.cache_root)
         key = verdict_key(kernel.identity, image.digest, self.identity)
         if self.verdicts is not None and (hit := self.verdicts.get(key)) is not None:
             return Observation(hit.outcome, hit.log_path, hit.message, cached=True)

@@ -88,6 +88,12 @@ def harness_modules(kernel: Kernel) -> tuple[str, ...]:
     return ()
 
 
+def with_harness_modules(kernel: Kernel, spec: InitramfsSpec) -> InitramfsSpec:
+    """``spec`` with :func:`harness_modules` loaded first: the image :func:`prepare_vm` boots."""
+    modules = tuple(dict.fromkeys((*harness_modules(kernel), *spec.modules)))
+    return replace(spec, modules=modules)
+
+
 def prepare_vm(
     kernel: Kernel,
     spec: InitramfsSpec,
@@ -105,8 +111,7 @@ def prepare_vm(
     Raises:
         ConfigError: bad template, module or file (see :func:`harness.initramfs.build`).
     """
-    modules = tuple(dict.fromkeys((*harness_modules(kernel), *spec.modules)))
-    image = build_initramfs(kernel, replace(spec, modules=modules), cache_root)
+    image = build_initramfs(kernel, with_harness_modules(kernel, spec), cache_root)
     nonce = new_nonce()
     machine = machine_spec(
         kernel, image, nonce=nonce, accel=accel, cmdline=cmdline, **machine_options

@@ -126,18 +126,23 @@ def resolve_modules(kernel: Kernel, names: Sequence[str]) -> list[ModuleFile]:
     return modules
 
 
-def _module_entry(release: str, module: ModuleFile) -> Entry:
-    # Store modules uncompressed: busybox insmod then needs no decompressor, and the
-    # initramfs compression shrinks them just as well.
+def module_path(release: str, module: ModuleFile) -> str:
+    """Where the image holds ``module`` (relative to its root): uncompressed, as ``.ko``."""
     relpath = module.relpath
     for suffix in _MODULE_SUFFIXES:
         if relpath.endswith(suffix):
             relpath = relpath[: -len(suffix)] + ".ko"
             break
+    return f"lib/modules/{release}/{relpath}"
+
+
+def _module_entry(release: str, module: ModuleFile) -> Entry:
+    # Store modules uncompressed: busybox insmod then needs no decompressor, and the
+    # initramfs compression shrinks them just as well.
     data = module.path.read_bytes()
     if not module.relpath.endswith(".ko"):
         data = compression.decompress(data)
-    return Entry.file(f"lib/modules/{release}/{relpath}", data, mode=0o644)
+    return Entry.file(module_path(release, module), data, mode=0o644)
 
 
 def _base_entries() -> list[Entry]:

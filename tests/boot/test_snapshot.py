@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import disks, snapshot, templates
+from harness import disks, snapshot, snapshot_errors, snapshot_plan, snapshot_store, templates
 from harness.controllers import Disk
 from harness.initramfs import InitramfsSpec
 from harness.kernels import Kernel
@@ -37,7 +37,7 @@ def test_restored_vm_runs_with_its_own_nonce_console_qmp_and_clock(boot) -> None
         variables={"commands": ["date +%s", "cat /proc/cmdline"]},
         snapshot=True,
     )
-    assert vm.boot_mechanism in snapshot.MECHANISMS, vm.snapshot_note
+    assert vm.boot_mechanism in snapshot_store.MECHANISMS, vm.snapshot_note
     assert vm.qmp.command("query-status")["status"] == "running"
     vm.expect_pass()
     vm.wait_shutdown()
@@ -63,7 +63,7 @@ def test_two_restores_get_fresh_randomness(boot) -> None:
     seen = []
     for _ in range(2):
         vm = boot(variables={"commands": commands}, snapshot=True)
-        assert vm.boot_mechanism in snapshot.MECHANISMS, vm.snapshot_note
+        assert vm.boot_mechanism in snapshot_store.MECHANISMS, vm.snapshot_note
         vm.expect_pass()
         text = vm.machine.console.recorder.text
         seen.append(lines_after(text, f"[bootharness:{vm.nonce}] RUN 1")[0:3:2])
@@ -74,7 +74,7 @@ def test_two_restores_get_fresh_randomness(boot) -> None:
 
 def test_kernel_fault_after_restore_is_detected(boot) -> None:
     vm = boot(variables={"commands": ["echo c > /proc/sysrq-trigger", "sleep 30"]}, snapshot=True)
-    assert vm.boot_mechanism in snapshot.MECHANISMS, vm.snapshot_note
+    assert vm.boot_mechanism in snapshot_store.MECHANISMS, vm.snapshot_note
     with pytest.raises(KernelFault, match="sysrq triggered crash"):
         vm.expect_pass()
     assert vm.qmp.wait_event(["GUEST_PANICKED"], time.monotonic() + 5.0) is not None
@@ -82,7 +82,7 @@ def test_kernel_fault_after_restore_is_detected(boot) -> None:
 
 def test_guest_shell_works_after_restore(boot) -> None:
     vm = boot(variables={"after": "shell"}, snapshot=True)
-    assert vm.boot_mechanism in snapshot.MECHANISMS, vm.snapshot_note
+    assert vm.boot_mechanism in snapshot_store.MECHANISMS, vm.snapshot_note
     shell = vm.shell()
     assert shell.check("echo $((6 * 7))").strip() == "42"
     assert shell.run("test -e /no/such/file").status == 1
@@ -115,7 +115,7 @@ def test_two_restored_vms_do_not_see_each_others_disk_writes(boot, tmp_path: Pat
             ]
         },
     )
-    assert first.boot_mechanism in snapshot.MECHANISMS, first.snapshot_note
+    assert first.boot_mechanism in snapshot_store.MECHANISMS, first.snapshot_note
     first.expect_pass()
     first.wait_shutdown()
     second = boot(
@@ -123,7 +123,7 @@ def test_two_restored_vms_do_not_see_each_others_disk_writes(boot, tmp_path: Pat
         snapshot=True,
         variables={"commands": [uncached, "! head -c 16 /dev/vda | grep -q written"]},
     )
-    assert second.boot_mechanism in snapshot.MECHANISMS, second.snapshot_note
+    assert second.boot_mechanism in snapshot_store.MECHANISMS, second.snapshot_note
     second.expect_pass()
     second.wait_shutdown()
     first_overlay = first.storage.overlay(first.machine.workdir)
@@ -148,8 +148,8 @@ def test_cold_boot_marker_opts_out(boot, request: pytest.FixtureRequest) -> None
 @dataclass
 class Made:
     root: Path
-    plan: snapshot.Plan
-    snapshot: snapshot.Snapshot
+    plan: snapshot_plan.Plan
+    snapshot: snapshot_store.Snapshot
 
 
 def private_vm(
@@ -176,7 +176,7 @@ def made(kernel: Kernel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[M
         vm.expect_pass()
         assert vm.snapshot_created and vm.snapshot is not None, vm.snapshot_note
         saved = vm.snapshot
-    plan = snapshot.make_plan(kernel, InitramfsSpec(), cache_root=root)
+    plan = snapshot_plan.make_plan(kernel, InitramfsSpec(), cache_root=root)
     yield Made(root, plan, saved)
     shutil.rmtree(root, ignore_errors=True)
 
@@ -185,9 +185,9 @@ def test_saved_snapshot_files_are_unchanged_after_restores(
     made: Made, kernel: Kernel, tmp_path: Path
 ) -> None:
     before = file_hashes(made.snapshot.path)
-    assert snapshot.STATE_FILE in before
+    assert snapshot_store.STATE_FILE in before
     if made.snapshot.mechanism == "shared-ram":
-        assert snapshot.RAM_FILE in before
+        assert snapshot_store.RAM_FILE in before
     # Guests that write a lot of memory (RAM pages are copy-on-write, never the file's).
     fill = ["dd if=/dev/urandom of=/tmp/fill bs=1M count=24 2>/dev/null", "rm /tmp/fill"]
     for index in range(2):
@@ -211,18 +211,18 @@ def test_changing_one_byte_of_the_template_makes_a_new_snapshot(
     with first:
         first.start()
         first.expect_pass()
-    assert first.snapshot_created and first.boot_mechanism in snapshot.MECHANISMS
-    old = snapshot.make_plan(kernel, spec, cache_root=root)
+    assert first.snapshot_created and first.boot_mechanism in snapshot_store.MECHANISMS
+    old = snapshot_plan.make_plan(kernel, spec, cache_root=root)
     text = template.read_text()
     template.write_text(text.replace("# /init rendered", "# /init Rendered", 1))
-    new = snapshot.make_plan(kernel, spec, cache_root=root)
+    new = snapshot_plan.make_plan(kernel, spec, cache_root=root)
     assert new.image.digest != old.image.digest and new.key != old.key
-    assert not any(new.entry(root, m).exists() for m in snapshot.MECHANISMS)
+    assert not any(new.entry(root, m).exists() for m in snapshot_store.MECHANISMS)
     second = private_vm(kernel, root, tmp_path / "b", ["true"], template_dirs=(folder,))
     with second:
         second.start()
         second.expect_pass()
-    assert second.snapshot_created and second.boot_mechanism in snapshot.MECHANISMS
+    assert second.snapshot_created and second.boot_mechanism in snapshot_store.MECHANISMS
     assert second.snapshot is not None and second.snapshot.path != first.snapshot.path
 
 
@@ -241,11 +241,11 @@ def test_truncated_snapshot_is_detected_and_the_test_boots_cold(
 ) -> None:
     root = tmp_path / "cache"
     entry = copy_snapshot(made, root)
-    state = entry / snapshot.STATE_FILE
+    state = entry / snapshot_store.STATE_FILE
     with state.open("r+b") as handle:
         handle.truncate(state.stat().st_size - 4096)
     with private_vm(kernel, root, tmp_path / "vm", ["true"]) as vm:
-        with pytest.warns(snapshot.SnapshotWarning, match="truncated"):
+        with pytest.warns(snapshot_errors.SnapshotWarning, match="truncated"):
             vm.start()
         vm.expect_pass()
     assert vm.boot_mechanism == "cold" and vm.machine.console.recorder.mark("kernel-banner")
@@ -258,17 +258,17 @@ def test_snapshot_that_fails_to_restore_is_discarded_and_the_test_boots_cold(
     root = tmp_path / "cache"
     entry = copy_snapshot(made, root)
     # Same size, manifest agreeing: it passes the checks, and QEMU refuses to load it.
-    state = entry / snapshot.STATE_FILE
+    state = entry / snapshot_store.STATE_FILE
     state.write_bytes(b"\0" * state.stat().st_size)
-    files = [snapshot.STATE_FILE] + (
-        [snapshot.RAM_FILE] if made.snapshot.mechanism == "shared-ram" else []
+    files = [snapshot_store.STATE_FILE] + (
+        [snapshot_store.RAM_FILE] if made.snapshot.mechanism == "shared-ram" else []
     )
-    snapshot.write_manifest(
+    snapshot_store.write_manifest(
         entry, files, mechanism=made.snapshot.mechanism, ready_nonce=made.snapshot.ready_nonce
     )
-    assert snapshot.load(entry).path == entry
+    assert snapshot_store.load(entry).path == entry
     with private_vm(kernel, root, tmp_path / "vm", ["true"]) as vm:
-        with pytest.warns(snapshot.SnapshotWarning, match="restor"):
+        with pytest.warns(snapshot_errors.SnapshotWarning, match="restor"):
             vm.start()
         vm.expect_pass()
     assert vm.boot_mechanism == "cold"
@@ -279,7 +279,7 @@ def test_falls_back_to_the_stream_mechanism_when_shared_ram_does_not_work(
     kernel: Kernel, tmp_path: Path
 ) -> None:
     root = tmp_path / "cache"
-    plan = snapshot.make_plan(kernel, InitramfsSpec(), cache_root=root)
+    plan = snapshot_plan.make_plan(kernel, InitramfsSpec(), cache_root=root)
     # As if the probe had found x-ignore-shared missing from this QEMU.
     snapshot._mark_unsupported(root, plan.key_parts["qemu"], "shared-ram", "test says so")
     with private_vm(kernel, root, tmp_path / "vm", ["echo streamed"]) as vm:
@@ -288,5 +288,5 @@ def test_falls_back_to_the_stream_mechanism_when_shared_ram_does_not_work(
     assert vm.boot_mechanism == "stream" and vm.snapshot_created
     assert not plan.entry(root, "shared-ram").exists()
     assert [p.name for p in plan.entry(root, "stream").iterdir() if p.is_file()].count(
-        snapshot.RAM_FILE
+        snapshot_store.RAM_FILE
     ) == 0

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from harness import snapshot, templates
+from harness import snapshot, snapshot_errors, snapshot_plan, snapshot_store, templates
 from harness.fixtures import _snapshot_mode
 from harness.initramfs import InitramfsSpec, template_variables
 
@@ -26,8 +26,8 @@ def render(**variables: Any) -> str:
 
 def test_ready_point_renders_a_wait_for_the_host_and_the_separator() -> None:
     script = render(ready_point=True, commands=["echo one", "echo two"])
-    head, rest = snapshot.split_script(script, template="init.sh.j2")
-    assert head.endswith(snapshot.READY_SEPARATOR)
+    head, rest = snapshot_plan.split_script(script, template="init.sh.j2")
+    assert head.endswith(snapshot_plan.READY_SEPARATOR)
     # The shared part loads modules, waits for the go line; the test's part runs its commands.
     assert "insmod /lib/modules/x/a.ko" in head and "mark READY" in head
     assert "read -r go_word go_nonce" in head and "nonce=$go_nonce" in head
@@ -39,39 +39,41 @@ def test_ready_point_renders_a_wait_for_the_host_and_the_separator() -> None:
 
 def test_without_ready_point_the_script_is_what_it_was() -> None:
     plain = render(commands=["echo one"])
-    assert "mark READY" not in plain and snapshot.READY_SEPARATOR not in plain
+    assert "mark READY" not in plain and snapshot_plan.READY_SEPARATOR not in plain
     assert render(commands=["echo one"], ready_point=False) == plain
-    with pytest.raises(snapshot.SnapshotUnsupported, match="no ready point"):
-        snapshot.split_script(plain, template="init.sh.j2")
+    with pytest.raises(snapshot_errors.SnapshotUnsupported, match="no ready point"):
+        snapshot_plan.split_script(plain, template="init.sh.j2")
 
 
 def test_commands_do_not_change_the_shared_part() -> None:
-    first = snapshot.split_script(render(ready_point=True, commands=["true"]), template="t")
-    second = snapshot.split_script(render(ready_point=True, commands=["false", "x"]), template="t")
+    first = snapshot_plan.split_script(render(ready_point=True, commands=["true"]), template="t")
+    second = snapshot_plan.split_script(
+        render(ready_point=True, commands=["false", "x"]), template="t"
+    )
     assert first[0] == second[0]
     assert first[1] != second[1]
 
 
 def test_go_line_carries_nonce_time_randomness_and_the_rest_size() -> None:
     rest = "echo a\necho \u00e9"  # the size counts bytes, not characters
-    line = snapshot.go_line("abc123", rest)
+    line = snapshot_plan.go_line("abc123", rest)
     word, nonce, epoch, seed, random, size = line.split()
     assert line.endswith("\n") and word == "GO" and nonce == "abc123"
     assert abs(int(epoch) - time.time()) <= 2
     assert re.fullmatch(r"[0-9a-f]{64}", seed)
     assert 0 <= int(random) < 32768
-    assert int(size) == len(snapshot.rest_message(rest).encode()) == len(rest.encode()) + 1
-    assert snapshot.go_line("abc123", rest).split()[3] != seed
+    assert int(size) == len(snapshot_plan.rest_message(rest).encode()) == len(rest.encode()) + 1
+    assert snapshot_plan.go_line("abc123", rest).split()[3] != seed
 
 
 def test_rest_message_is_whole_lines() -> None:
-    assert snapshot.rest_message("echo a\necho b") == "echo a\necho b\n"
-    assert snapshot.rest_message("echo a\n") == "echo a\n"
+    assert snapshot_plan.rest_message("echo a\necho b") == "echo a\necho b\n"
+    assert snapshot_plan.rest_message("echo a\n") == "echo a\n"
 
 
 def test_nonce_is_left_out_of_the_key_cmdline() -> None:
     cmdline = "console=ttyS0 bootharness.nonce=0123abcd quiet"
-    assert snapshot._without_nonce(cmdline) == "console=ttyS0 quiet"
+    assert snapshot_plan._without_nonce(cmdline) == "console=ttyS0 quiet"
 
 
 def _write_sparse(path: Path, pages: dict[int, bytes], size_pages: int) -> None:
@@ -88,35 +90,35 @@ def test_content_digest_depends_on_content_not_on_holes(tmp_path: Path) -> None:
     _write_sparse(sparse, {3: b"x" * PAGE, 100: b"tail"}, 256)
     content = sparse.read_bytes()
     dense.write_bytes(content)  # zero pages written out: a different layout on disk
-    assert snapshot.content_digest(sparse) == snapshot.content_digest(dense)
+    assert snapshot_store.content_digest(sparse) == snapshot_store.content_digest(dense)
     changed = bytearray(content)
     changed[100 * PAGE + 2] ^= 1
     other = tmp_path / "other"
     other.write_bytes(bytes(changed))
-    assert snapshot.content_digest(other) != snapshot.content_digest(dense)
+    assert snapshot_store.content_digest(other) != snapshot_store.content_digest(dense)
     shorter = tmp_path / "shorter"
     shorter.write_bytes(content[:-PAGE])  # only zeros cut off: the size still counts
-    assert snapshot.content_digest(shorter) != snapshot.content_digest(dense)
+    assert snapshot_store.content_digest(shorter) != snapshot_store.content_digest(dense)
 
 
 def test_content_digest_is_recomputed_when_the_file_changes(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(b"a" * 10000)
-    before = snapshot.content_digest(path)
+    before = snapshot_store.content_digest(path)
     with path.open("r+b") as handle:
         handle.write(b"b")
     os.utime(path, ns=(1, 1))  # even with an old mtime, ctime and content differ
-    assert snapshot.content_digest(path) != before
+    assert snapshot_store.content_digest(path) != before
 
 
 def _entry(tmp_path: Path) -> Path:
     entry = tmp_path / "entry"
     entry.mkdir()
-    (entry / snapshot.STATE_FILE).write_bytes(os.urandom(3 * PAGE + 5))
-    _write_sparse(entry / snapshot.RAM_FILE, {1: b"r" * PAGE}, 64)
-    snapshot.write_manifest(
+    (entry / snapshot_store.STATE_FILE).write_bytes(os.urandom(3 * PAGE + 5))
+    _write_sparse(entry / snapshot_store.RAM_FILE, {1: b"r" * PAGE}, 64)
+    snapshot_store.write_manifest(
         entry,
-        [snapshot.STATE_FILE, snapshot.RAM_FILE],
+        [snapshot_store.STATE_FILE, snapshot_store.RAM_FILE],
         mechanism="shared-ram",
         ready_nonce="feed",
     )
@@ -124,54 +126,56 @@ def _entry(tmp_path: Path) -> Path:
 
 
 def test_load_accepts_a_snapshot_that_matches_its_manifest(tmp_path: Path) -> None:
-    loaded = snapshot.load(_entry(tmp_path))
+    loaded = snapshot_store.load(_entry(tmp_path))
     assert loaded.mechanism == "shared-ram" and loaded.ready_nonce == "feed"
-    assert loaded.ram_file == loaded.path / snapshot.RAM_FILE
-    assert {p.name for p in loaded.files()} == {snapshot.STATE_FILE, snapshot.RAM_FILE}
+    assert loaded.ram_file == loaded.path / snapshot_store.RAM_FILE
+    assert {p.name for p in loaded.files()} == {snapshot_store.STATE_FILE, snapshot_store.RAM_FILE}
 
 
 def test_load_detects_a_truncated_file(tmp_path: Path) -> None:
     entry = _entry(tmp_path)
-    state = entry / snapshot.STATE_FILE
+    state = entry / snapshot_store.STATE_FILE
     os.truncate(state, state.stat().st_size // 2)
-    with pytest.raises(snapshot.SnapshotCorrupt, match="truncated") as caught:
-        snapshot.load(entry)
+    with pytest.raises(snapshot_errors.SnapshotCorrupt, match="truncated") as caught:
+        snapshot_store.load(entry)
     assert caught.value.path == entry
 
 
 def test_load_detects_a_changed_byte(tmp_path: Path) -> None:
     entry = _entry(tmp_path)
-    ram = entry / snapshot.RAM_FILE
+    ram = entry / snapshot_store.RAM_FILE
     with ram.open("r+b") as handle:
         handle.seek(PAGE + 7)
         handle.write(b"X")
-    with pytest.raises(snapshot.SnapshotCorrupt, match="digest"):
-        snapshot.load(entry)
+    with pytest.raises(snapshot_errors.SnapshotCorrupt, match="digest"):
+        snapshot_store.load(entry)
 
 
 def test_load_refuses_an_entry_without_manifest_or_with_a_foreign_one(tmp_path: Path) -> None:
     entry = _entry(tmp_path)
-    manifest = entry / snapshot.MANIFEST
-    manifest.write_text(manifest.read_text().replace(snapshot.FORMAT, "other-format"))
-    with pytest.raises(snapshot.SnapshotCorrupt, match="other-format"):
-        snapshot.load(entry)
+    manifest = entry / snapshot_store.MANIFEST
+    manifest.write_text(manifest.read_text().replace(snapshot_store.FORMAT, "other-format"))
+    with pytest.raises(snapshot_errors.SnapshotCorrupt, match="other-format"):
+        snapshot_store.load(entry)
     manifest.unlink()
-    with pytest.raises(snapshot.SnapshotCorrupt, match="incomplete"):
-        snapshot.load(entry)
+    with pytest.raises(snapshot_errors.SnapshotCorrupt, match="incomplete"):
+        snapshot_store.load(entry)
 
 
 def test_discard_removes_only_the_snapshot_it_was_told_about(tmp_path: Path) -> None:
     entry = _entry(tmp_path)
-    old = snapshot.load(entry)
+    old = snapshot_store.load(entry)
     # Another worker rebuilt it meanwhile: its manifest is a new file.
     time.sleep(0.01)
-    snapshot.write_manifest(entry, [snapshot.STATE_FILE], mechanism="stream", ready_nonce="beef")
-    assert not snapshot.discard(entry, "test", only=old)
+    snapshot_store.write_manifest(
+        entry, [snapshot_store.STATE_FILE], mechanism="stream", ready_nonce="beef"
+    )
+    assert not snapshot_store.discard(entry, "test", only=old)
     assert entry.exists()
-    assert snapshot.discard(entry, "test")
+    assert snapshot_store.discard(entry, "test")
     assert not entry.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".discarded")]
-    assert not snapshot.discard(entry, "already gone")
+    assert not snapshot_store.discard(entry, "already gone")
 
 
 def test_unsupported_mechanisms_are_remembered_per_qemu(tmp_path: Path) -> None:
