@@ -65,6 +65,14 @@ class Deadlines:
     def scaled(self, multiplier: float) -> Deadlines:
         return replace(self, multiplier=self.multiplier * multiplier)
 
+    @classmethod
+    def from_options(cls, boot_timeout: float | None, multiplier: float = 1.0) -> Deadlines:
+        """What ``--boot-timeout`` and ``--timeout-multiplier`` ask for: the boot timeout,
+        when given, bounds both the kernel and the init phase."""
+        if boot_timeout is None:
+            return cls(multiplier=multiplier)
+        return cls(kernel=boot_timeout, init=boot_timeout, multiplier=multiplier)
+
 
 def new_nonce() -> str:
     """A fresh marker nonce: 16 hex digits nothing else on the console can guess."""

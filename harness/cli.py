@@ -258,11 +258,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
         choice = choose_accelerator(args.accel, cache_dir=root / "accel")
     if choice.requested == "auto" and choice.name == "tcg":
         print(f"bootharness: using {choice.name}: {choice.reason}", file=sys.stderr)
-    deadlines = boot.Deadlines(multiplier=args.timeout_multiplier)
-    if args.boot_timeout is not None:
-        deadlines = boot.Deadlines(
-            kernel=args.boot_timeout, init=args.boot_timeout, multiplier=args.timeout_multiplier
-        )
+    deadlines = boot.Deadlines.from_options(args.boot_timeout, args.timeout_multiplier)
     spec = _spec(args, after="shell" if args.shell else None)
     vm = boot.prepare_vm(
         kernel,

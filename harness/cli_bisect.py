@@ -133,7 +133,7 @@ def cmd_bisect(args: argparse.Namespace) -> int:
     catalogue = cli._catalogue(args)
     root = cli._cache(args)
     candidates = bisect_candidates(catalogue, args.good, args.bad, args.kernels_list)
-    workdir = args.workdir or _new_rundir(root)
+    workdir = args.workdir or cli.new_run_dir(root, "bisect")
     oracle = _kernel_oracle(args, catalogue, root, workdir)
     print(f"bisecting {len(candidates)} kernels: {', '.join(candidates)}", flush=True)
     result = run_bisect(candidates, oracle, on_step=_print_step)
@@ -220,7 +220,7 @@ def _kernel_oracle(
         cache_root=root,
         workdir=workdir,
         accel=_accelerator(args.accel, root),
-        deadlines=_deadlines(args),
+        deadlines=boot.Deadlines.from_options(args.boot_timeout, args.timeout_multiplier),
         cmdline=args.cmdline,
         verdicts=verdicts,
     )
@@ -233,27 +233,6 @@ def _accelerator(requested: str, root: Path) -> str:
     if choice.requested == "auto" and choice.name == "tcg":
         print(f"bootharness: using tcg: {choice.reason}", file=sys.stderr)
     return choice.name
-
-
-def _deadlines(args: argparse.Namespace) -> boot.Deadlines:
-    if args.boot_timeout is None:
-        return boot.Deadlines(multiplier=args.timeout_multiplier)
-    return boot.Deadlines(
-        kernel=args.boot_timeout, init=args.boot_timeout, multiplier=args.timeout_multiplier
-    )
-
-
-def _new_rundir(root: Path) -> Path:
-    base = root / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-bisect"
-    base.parent.mkdir(parents=True, exist_ok=True)
-    for n in range(1, 1000):
-        candidate = base if n == 1 else base.with_name(f"{base.name}.{n}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
-    raise ConfigError(f"cannot make a run folder next to {base}; clean up {base.parent}")
 
 
 class _StepUsageError(Exception):
@@ -362,9 +341,9 @@ def _step_boot_oracle(
         kernels=lambda name: provision(catalogue.get(name), root, progress=False),
         spec=cli._spec(boot_args),
         cache_root=root,
-        workdir=boot_args.workdir or _new_rundir(root),
+        workdir=boot_args.workdir or cli.new_run_dir(root, "bisect"),
         accel=_accelerator(boot_args.accel, root),
-        deadlines=_deadlines(boot_args),
+        deadlines=boot.Deadlines.from_options(boot_args.boot_timeout, boot_args.timeout_multiplier),
         cmdline=boot_args.cmdline,
         verdicts=verdicts,
     )
@@ -385,7 +364,7 @@ def _step_pytest_oracle(
         kernels=lambda name: provision(catalogue.get(name), root, progress=False),
         kernels_file=catalogue.path,
         cache_root=root,
-        workdir=_new_rundir(root),
+        workdir=cli.new_run_dir(root, "bisect"),
         extra_args=tuple(extra),
         verdicts=verdicts,
     )

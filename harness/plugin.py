@@ -139,11 +139,9 @@ def _settings(config: pytest.Config) -> Settings:
     try:
         multiplier = float(pick("timeout_multiplier", "bootharness_timeout_multiplier") or 1.0)
         boot_timeout = pick("boot_timeout", "bootharness_boot_timeout")
-        deadlines = Deadlines(multiplier=multiplier)
-        if boot_timeout:
-            deadlines = Deadlines(
-                kernel=float(boot_timeout), init=float(boot_timeout), multiplier=multiplier
-            )
+        deadlines = Deadlines.from_options(
+            float(boot_timeout) if boot_timeout else None, multiplier
+        )
     except ValueError as error:
         raise pytest.UsageError(f"bootharness timeouts must be numbers: {error}") from error
     keep = config.getoption("keep_artifacts")
