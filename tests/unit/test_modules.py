@@ -3,8 +3,8 @@
 Most tests build synthetic module trees in ``tmp_path`` (fake ``.ko`` files that only hold a
 ``vermagic=`` string, hand-written ``modules.dep`` and companions).
 
-The tests marked "real kernel" run against a provisioned kernel's modules folder and are
-skipped unless it is given::
+The tests marked "real kernel" run against a provisioned kernel's modules folder: the default
+kernel of kernels.toml (provisioned into the cache on first use), or another one given as::
 
     BOOTHARNESS_TEST_MODULES_DIR=/path/to/lib/modules/<release> pytest tests/unit/test_modules.py
 
@@ -598,10 +598,16 @@ def test_zst_module_without_zstd_names_the_package(
 
 @pytest.fixture(scope="module")
 def real_modules_dir() -> Path:
-    """A provisioned kernel's lib/modules/<release>, from $BOOTHARNESS_TEST_MODULES_DIR."""
+    """A provisioned kernel's lib/modules/<release>: $BOOTHARNESS_TEST_MODULES_DIR, else the
+    default kernel of the repository's kernels.toml, provisioned into the cache."""
     value = os.environ.get(MODULES_DIR_ENV)
     if not value:
-        pytest.skip(f"set {MODULES_DIR_ENV}=/path/to/lib/modules/<release> to test a real kernel")
+        from harness import cache, config, kernels
+
+        catalogue = config.load_catalogue(Path(__file__).resolve().parents[2] / "kernels.toml")
+        kernel = kernels.provision(catalogue.get(catalogue.default), cache.cache_root())
+        assert kernel.modules_dir is not None
+        value = str(kernel.modules_dir)
     path = Path(value)
     if not (path / "modules.dep").is_file():
         pytest.fail(f"{MODULES_DIR_ENV}={value} has no modules.dep")
