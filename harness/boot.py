@@ -32,6 +32,7 @@ from harness.outcome import (
     TestFailure,
 )
 from harness.qmp import Qmp
+from harness.storage import Storage
 
 if TYPE_CHECKING:
     from harness.qmp import QmpEvent
@@ -211,6 +212,9 @@ class Vm:
     ) -> None:
         self.spec = spec
         self.kernel = kernel  # what it boots, for reports (None for a hand-made spec)
+        self.storage: Storage | None = None  # the disks attached, when the test gave some
+        self.load_factor = 1.0  # how much the machine's load stretched the deadlines
+        self.boot_mechanism = "cold"  # or how a snapshot restored it (harness.snapshot)
         self.nonce = nonce
         self.deadlines = deadlines
         self.machine = Machine(spec, workdir, nonce=nonce, expected_boots=expected_boots)
@@ -253,7 +257,7 @@ class Vm:
         match = self._expect(marker_regex(self.nonce, *wanted), phase, timeout)
         event, detail = match.group("event"), match.group("detail") or ""
         if event in ("FAIL", "RESCUE") and event not in events:
-            raise TestFailure(f"the init failed: {detail}", self._evidence(phase))
+            raise TestFailure(f"the init failed: {detail}", self.evidence(phase))
         return event, detail
 
     def expect_pass(self) -> None:
@@ -265,7 +269,7 @@ class Vm:
         closed = self.machine.console.drain(self.deadlines.of("shutdown"))
         # A fault printed while shutting down still counts.
         self.machine.console.recorder.scanner.flush()
-        self._check_faults("shutdown")
+        self.check_faults("shutdown")
         if not closed:
             return None
         status = self.machine.wait(self.deadlines.of("shutdown"))
@@ -273,7 +277,8 @@ class Vm:
         recorder.marks.append(Mark("shutdown", time.monotonic() - recorder.started))
         return status
 
-    def _check_faults(self, phase: str) -> None:
+    def check_faults(self, phase: str) -> None:
+        """Raise KernelFault if the console or QMP has shown one so far."""
         self.machine.console.check_faults(phase, self.deadlines.of(phase))
 
     def _expect(
@@ -292,10 +297,11 @@ class Vm:
         return TestFailure(
             f"the guest stopped during the {phase} phase before its marker "
             "(QEMU exited 0: power-off or reset without a kernel fault)",
-            self._evidence(phase),
+            self.evidence(phase),
         )
 
-    def _evidence(self, phase: str) -> Evidence:
+    def evidence(self, phase: str) -> Evidence:
+        """The boot's evidence for an error raised in ``phase``."""
         recorder = self.machine.console.recorder
         return Evidence(
             phase=phase,

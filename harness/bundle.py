@@ -108,7 +108,7 @@ def write(
         OSError: the folder or a file in it cannot be written.
     """
     spec = vm.spec
-    kernel = getattr(vm, "kernel", None)
+    kernel = vm.kernel
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
@@ -146,7 +146,7 @@ def write(
         "nonce": vm.nonce,
         "expected_boots": vm.machine.expected_boots,
         "deadlines": dataclasses.asdict(vm.deadlines),
-        "load_factor": float(getattr(vm, "load_factor", 1.0)),
+        "load_factor": float(vm.load_factor),
         "disks": [dataclasses.asdict(d) for d in _keep_bases(disk_refs(spec.extra_args), target)],
         "qemu_argv": list(vm.machine.argv),
         "qemu_version": _qemu_version(spec.qemu),

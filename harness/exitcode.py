@@ -130,11 +130,11 @@ def wait_exit_code(vm: Vm, *, timeout: float | None = None, check: bool = True) 
     closed = vm.machine.console.drain(limit)
     if closed:  # the scanner takes no more text after a flush: only at the very end
         vm.machine.console.recorder.scanner.flush()
-    vm._check_faults("shutdown")
+    vm.check_faults("shutdown")
     status = vm.machine.wait(5.0) if closed else None
     result = verdict(status, _announced(vm))
     log.info("guest exit: status %s -> %s", status, result)
-    evidence = vm._evidence("shutdown")
+    evidence = vm.evidence("shutdown")
     if result.outcome is Outcome.PASS:
         return 0
     if result.outcome is Outcome.TEST_FAIL and result.code is not None:

@@ -250,8 +250,8 @@ def boot(
                 expected_boots=expected_boots,
                 **machine_options,
             )
-        vm.storage = disk_setup  # type: ignore[attr-defined]  # its overlays, for the test
-        vm.load_factor = load  # type: ignore[attr-defined]  # for the results
+        vm.storage = disk_setup
+        vm.load_factor = load
         vms.append(vm)
         if start:
             vm.start()

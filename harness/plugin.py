@@ -280,8 +280,6 @@ def _record_properties(item: pytest.Item, vms: list[Vm], error: BaseException | 
     boot_time = next((m.at for m in vm.marks if m.name in ("PASS", "INIT-START")), None)
     if boot_time is not None:
         properties["boot_time"] = f"{boot_time:.3f}"
-    mechanism = getattr(vm, "boot_mechanism", None)  # set on VMs asked to use a snapshot
-    if mechanism is not None:
-        properties["boot_mechanism"] = str(mechanism)
+    properties["boot_mechanism"] = vm.boot_mechanism
     for name, value in properties.items():
         item.user_properties.append((name, value))

@@ -126,7 +126,7 @@ def reset(vm: Vm, timeout: float | None = None) -> QmpEvent:
         raise KernelFault(
             f"expected one new boot after the reset, the console shows "
             f"{recorder.scanner.boots - boots}",
-            vm._evidence("kernel"),
+            vm.evidence("kernel"),
         )
     log.info("reset: %s, booted again at %.2f s", event.data, time.monotonic() - recorder.started)
     return event

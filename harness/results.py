@@ -180,12 +180,12 @@ def build_record(
         vm = vms[-1]
         from harness.boot import qemu_version
 
-        kernel = getattr(vm, "kernel", None)
+        kernel = vm.kernel
         record.kernel = record.kernel or param_name(kernel)
         record.release = str(getattr(kernel, "release", ""))
         record.qemu_version = qemu_version(vm.spec.qemu)
         record.accelerator = vm.spec.accel
-        record.load_factor = float(getattr(vm, "load_factor", 1.0))
+        record.load_factor = float(vm.load_factor)
         record.phases = first_marks(vm.marks)
         record.console_logs = [str(v.machine.console_log) for v in vms]
     return record
