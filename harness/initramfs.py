@@ -20,7 +20,7 @@ from typing import Any
 from harness import cache, compression, cpio, templates, tools
 from harness.cpio import Entry, EntryKind
 from harness.kernels import Kernel
-from harness.modules import ModuleFile, ModuleIndex
+from harness.modules import ModuleFile, shared_index
 from harness.outcome import ConfigError
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def resolve_modules(kernel: Kernel, names: Sequence[str]) -> list[ModuleFile]:
             f"kernel {kernel.name!r} has no modules folder but modules were requested "
             f"({', '.join(names)}); add `modules = ...` to its entry in kernels.toml"
         )
-    index = ModuleIndex.load(kernel.modules_dir, kernel.release)
+    index = shared_index(kernel.modules_dir, kernel.release)
     modules = index.resolve(names)
     index.check_vermagic(modules)
     return modules

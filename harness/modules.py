@@ -102,6 +102,28 @@ class _Edge:
     soft: bool
 
 
+def shared_index(modules_dir: Path, release: str) -> ModuleIndex:
+    """The :class:`ModuleIndex` of a modules folder, loaded once per process.
+
+    Every initramfs build resolves modules; parsing modules.dep and modules.alias again each
+    time costs 0.1-0.2 s, a tenth of a TCG boot. The index is reloaded when modules.dep changes.
+
+    Raises:
+        ConfigError: as :meth:`ModuleIndex.load`.
+    """
+    try:
+        info = (Path(modules_dir) / "modules.dep").stat()
+        stamp = (info.st_mtime_ns, info.st_size, info.st_ino)
+    except OSError:
+        stamp = (0, 0, 0)  # load() reports what is missing
+    return _shared_index(Path(modules_dir), release, stamp)
+
+
+@functools.lru_cache(maxsize=16)
+def _shared_index(modules_dir: Path, release: str, stamp: tuple[int, int, int]) -> ModuleIndex:
+    return ModuleIndex.load(modules_dir, release)
+
+
 class ModuleIndex:
     """The module database of one kernel release: ``modules.dep`` and its companions.
 
