@@ -33,8 +33,16 @@ def test_ready_point_renders_a_wait_for_the_host_and_the_separator() -> None:
     assert "read -r go_word go_nonce" in head and "nonce=$go_nonce" in head
     assert "echo one" not in head and "echo one" in rest and "mark PASS" in rest
     assert head.index("mark DEVICES-READY") < head.index("mark READY")
-    # Before any disk is mounted: root handling is in the test's part.
-    assert "find_root ||" not in head and "find_root ||" in rest
+    # Shared code is defined before the ready point; what the rest sends stays small (each
+    # byte crosses the emulated UART at every restore).
+    assert "find_root() {" in head and "find_root() {" not in rest
+    assert len(rest.encode()) < 600, rest
+    # Before any disk is mounted: root handling is in the test's part, when there is a root.
+    assert "find_root ||" not in rest
+    rooted_head, rooted_rest = snapshot_plan.split_script(
+        render(ready_point=True, root="LABEL=x", commands=[]), template="init.sh.j2"
+    )
+    assert "find_root ||" not in rooted_head and "find_root ||" in rooted_rest
 
 
 def test_without_ready_point_the_script_is_what_it_was() -> None:
