@@ -125,7 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
 # Modules that add subcommands of their own: each has
 # ``register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None``
 # and sets ``func`` on its parsers like the commands above.
-COMMAND_MODULES: tuple[str, ...] = ("harness.cli_bisect", "harness.cli_matrix")
+COMMAND_MODULES: tuple[str, ...] = (
+    "harness.cli_bisect",
+    "harness.cli_matrix",
+    "harness.cli_report",
+)
 
 
 def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:

@@ -3,17 +3,23 @@
 Kernels are rows; controller (and template, when more than one ran) pairs are columns; each
 cell shows the outcome of every test of that combination with a link to its console log, and
 for a failure the fault excerpt and the reproduction bundle. A stacked bar chart (inline SVG)
-shows where each kernel's boot time goes, phase by phase. Styles are inline and there is no
-script, so the page opens from disk, from a CI artifact or in a mail client, with no server.
+shows where each kernel's boot time goes, phase by phase. Given earlier runs
+(:mod:`harness.history`), each failure says since when it fails, or that it is new tonight,
+and fixed tests say so; each failure shows its replay and pytest rerun commands. The same page
+serves a single run and a merge of many CI jobs (:mod:`harness.merge`). Styles are inline
+and there is no script, so the page opens from disk, from a CI artifact or in a mail client,
+with no server.
 """
 
 from __future__ import annotations
 
 import html
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import PurePath
 
-from harness import __version__
+from harness import __version__, history
 from harness.outcome import Outcome
 from harness.results import ERROR, PHASES, SKIPPED, Results, TestRecord
 
@@ -58,6 +64,8 @@ pre{background:#f6f6f6;border:1px solid #ddd;padding:6px;font-size:12px;max-widt
 overflow-x:auto;white-space:pre-wrap}details summary{cursor:pointer;font-size:12px;color:#555}
 .failure{border-left:4px solid #c62828;padding:2px 10px;margin:10px 0}
 code{background:#f0f0f0;padding:0 3px}
+.since{font-size:12px;font-weight:600}.since.NEW{color:#c62828}.since.FAILING{color:#6d4c41}
+.since.FIXED{color:#2e7d32}pre.commands{margin:2px 0;max-width:40em}
 """
 
 
@@ -91,8 +99,40 @@ def cell_class(outcome: str) -> str:
     return "fail"
 
 
-def render(results: Results, logs: Mapping[str, str]) -> str:
-    """The page; ``logs`` maps a test id to its console log, relative to the page."""
+def replay_command(record: TestRecord) -> str:
+    """The command that boots a failure's bundle again ("" when it left none)."""
+    return f"bootharness replay {shlex.quote(record.bundle)}" if record.bundle else ""
+
+
+def rerun_command(record: TestRecord) -> str:
+    """The pytest command that runs this test again, on this one cell of the matrix.
+
+    The matrix options are part of it: a parametrized node id exists only when the run
+    selects its kernel, controller and template.
+    """
+    argv = ["pytest", record.nodeid]
+    for option, value in (
+        ("--kernel", record.kernel),
+        ("--controller", record.controller),
+        ("--template", record.template),
+    ):
+        if value:
+            argv += [option, value]
+    return shlex.join(argv)
+
+
+def render(
+    results: Results,
+    logs: Mapping[str, str],
+    streaks: Mapping[str, history.Streak] | None = None,
+) -> str:
+    """The page; ``logs`` maps a test id to its console log, relative to the page.
+
+    ``streaks`` (test id -> :class:`harness.history.Streak`, from
+    :func:`harness.history.compare`) adds since when each failure fails, and what is new
+    or fixed tonight.
+    """
+    since = streaks or {}
     records = [r for r in results.records if r.kernel]
     others = [r for r in results.records if not r.kernel]
     parts = [
@@ -102,15 +142,16 @@ def render(results: Results, logs: Mapping[str, str]) -> str:
         f"<style>{STYLE}</style></head><body>",
         "<h1>bootharness report</h1>",
         _summary(results),
+        _changes(since) if streaks is not None else "",
         "<h2>Matrix</h2>",
-        _matrix(records, logs) if records else "<p>No test of the matrix ran.</p>",
-        _failures(results.records, logs),
+        _matrix(records, logs, since) if records else "<p>No test of the matrix ran.</p>",
+        _failures(results.records, logs, since),
         "<h2>Boot time per kernel, by phase</h2>",
         _chart(records),
     ]
     if others:
         parts.append("<h2>Other tests</h2>")
-        parts.append(_other_tests(others, logs))
+        parts.append(_other_tests(others, logs, since))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
@@ -136,11 +177,28 @@ def _summary(results: Results) -> str:
     return f'<p class="meta">{_e(meta)}</p><p class="summary">{badges}</p>'
 
 
+def _changes(since: Mapping[str, history.Streak]) -> str:
+    counts = history.counts(since)
+    parts = [
+        f'<span class="since {status}" data-status="{status}">{counts.get(status, 0)} {text}</span>'
+        for status, text in (
+            (history.NEW, "new tonight"),
+            (history.FAILING, "still failing"),
+            (history.FIXED, "fixed tonight"),
+        )
+    ]
+    return f'<p class="changes">Since the last run: {", ".join(parts)}.</p>'
+
+
 def _columns(records: Sequence[TestRecord]) -> list[Column]:
     return list(dict.fromkeys(Column(r.controller, r.template) for r in records))
 
 
-def _matrix(records: Sequence[TestRecord], logs: Mapping[str, str]) -> str:
+def _matrix(
+    records: Sequence[TestRecord],
+    logs: Mapping[str, str],
+    since: Mapping[str, history.Streak],
+) -> str:
     kernels = list(dict.fromkeys(r.kernel for r in records))
     columns = _columns(records)
     with_template = len({c.template for c in columns}) > 1
@@ -153,18 +211,24 @@ def _matrix(records: Sequence[TestRecord], logs: Mapping[str, str]) -> str:
         rows.append(f'<tr data-kernel="{_e(kernel)}"><th>{_e(kernel)}</th><td>{_e(release)}</td>')
         for column in columns:
             cell = [r for r in mine if Column(r.controller, r.template) == column]
-            rows.append(_cell(kernel, column, cell, logs))
+            rows.append(_cell(kernel, column, cell, logs, since))
         rows.append("</tr>")
     rows.append("</tbody></table>")
     return "\n".join(rows)
 
 
-def _cell(kernel: str, column: Column, cell: Sequence[TestRecord], logs: Mapping[str, str]) -> str:
+def _cell(
+    kernel: str,
+    column: Column,
+    cell: Sequence[TestRecord],
+    logs: Mapping[str, str],
+    since: Mapping[str, history.Streak],
+) -> str:
     attrs = f'data-kernel="{_e(kernel)}" data-column="{_e(column.key)}"'
     if not cell:
         return f'<td class="cell empty" {attrs}>–</td>'
     outcome = worst([r.outcome for r in cell])
-    entries = [_entry(r, logs) for r in cell]
+    entries = [_entry(r, logs, since) for r in cell]
     return (
         f'<td class="cell {cell_class(outcome)}" {attrs} data-outcome="{_e(outcome)}">'
         + "".join(entries)
@@ -172,7 +236,7 @@ def _cell(kernel: str, column: Column, cell: Sequence[TestRecord], logs: Mapping
     )
 
 
-def _entry(record: TestRecord, logs: Mapping[str, str]) -> str:
+def _entry(record: TestRecord, logs: Mapping[str, str], since: Mapping[str, history.Streak]) -> str:
     link = logs.get(record.nodeid)
     badge = _badge(record.outcome, record.outcome)
     head = f'<a class="log" href="{_e(link)}" title="console log">{badge}</a>' if link else badge
@@ -188,6 +252,7 @@ def _entry(record: TestRecord, logs: Mapping[str, str]) -> str:
             f'<div class="retried">retried after {_e(", ".join(record.retried))} '
             f"(attempt {record.attempts})</div>"
         )
+    parts.append(_since(since.get(record.nodeid)))
     if record.failed:
         parts.append(f'<div class="message">{_e(_short(record.message))}</div>')
         if record.excerpt:
@@ -195,15 +260,39 @@ def _entry(record: TestRecord, logs: Mapping[str, str]) -> str:
                 f'<details><summary>fault excerpt</summary><pre class="excerpt">'
                 f"{_e(record.excerpt)}</pre></details>"
             )
+        parts.append(
+            f'<details class="reproduce"><summary>reproduce</summary>{_commands(record)}</details>'
+        )
     parts.append("</div>")
     return "".join(parts)
 
 
-def _failures(records: Sequence[TestRecord], logs: Mapping[str, str]) -> str:
+def _since(streak: history.Streak | None) -> str:
+    """The history line of an entry: only what a reader acts on (no line for "passing")."""
+    if streak is None or streak.status in (history.PASSING, history.UNKNOWN):
+        return ""
+    return (
+        f'<div class="since {streak.status}" data-status="{streak.status}">'
+        f"{_e(streak.text())}</div>"
+    )
+
+
+def _commands(record: TestRecord) -> str:
+    lines = [x for x in (replay_command(record), rerun_command(record)) if x]
+    return f'<pre class="commands">{_e(chr(10).join(lines))}</pre>'
+
+
+def _failures(
+    records: Sequence[TestRecord],
+    logs: Mapping[str, str],
+    since: Mapping[str, history.Streak],
+) -> str:
     failed = [r for r in records if r.failed]
     if not failed:
         return "<h2>Failures</h2><p>None.</p>"
     out = [f"<h2>Failures ({len(failed)})</h2>"]
+    if any(r.bundle and not PurePath(r.bundle).is_absolute() for r in failed):
+        out.append('<p class="meta">Bundle paths are relative to the folder of this page.</p>')
     for record in failed:
         link = logs.get(record.nodeid)
         out.append(f'<div class="failure" data-nodeid="{_e(record.nodeid)}">')
@@ -211,14 +300,16 @@ def _failures(records: Sequence[TestRecord], logs: Mapping[str, str]) -> str:
         if link:
             out.append(f' — <a class="log" href="{_e(link)}">console log</a>')
         out.append("</p>")
+        out.append(_since(since.get(record.nodeid)))
         out.append(f"<p>{_e(record.message)}</p>")
         if record.excerpt:
             out.append(f'<pre class="excerpt">{_e(record.excerpt)}</pre>')
         if record.bundle:
             out.append(
-                f"<p>Reproduce: <code>bootharness replay {_e(record.bundle)}</code> "
+                f"<p>Reproduce: <code>{_e(replay_command(record))}</code> "
                 "(add <code>--shell</code> to look around)</p>"
             )
+        out.append(f'<p>Run again: <code class="rerun">{_e(rerun_command(record))}</code></p>')
         if record.retried:
             out.append(f'<p class="retried">retried after {_e(", ".join(record.retried))}</p>')
         out.append("</div>")
@@ -285,8 +376,14 @@ def _chart(records: Sequence[TestRecord]) -> str:
     return "\n".join(svg)
 
 
-def _other_tests(records: Sequence[TestRecord], logs: Mapping[str, str]) -> str:
-    items = "".join(f"<li>{_entry(r, logs)}<code>{_e(r.nodeid)}</code></li>" for r in records)
+def _other_tests(
+    records: Sequence[TestRecord],
+    logs: Mapping[str, str],
+    since: Mapping[str, history.Streak],
+) -> str:
+    items = "".join(
+        f"<li>{_entry(r, logs, since)}<code>{_e(r.nodeid)}</code></li>" for r in records
+    )
     return f"<ul>{items}</ul>"
 
 

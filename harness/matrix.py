@@ -41,6 +41,7 @@ class MatrixSettings:
     json_path: Path | None = None
     html_path: Path | None = None
     bundles_dir: Path | None = None
+    history: tuple[Path, ...] = ()  # earlier runs' results files or folders
 
 
 matrix_key = pytest.StashKey[MatrixSettings]()
@@ -94,7 +95,18 @@ def add_options(group: Any, parser: pytest.Parser) -> None:
     parser.addini(
         "bootharness_load_scaling", "stretch deadlines under load", type="bool", default=True
     )
+    group.addoption(
+        "--bootharness-history",
+        action="append",
+        default=[],
+        metavar="FILE|DIR",
+        help="earlier runs' results JSON (files, or folders of *.json; repeatable): the HTML "
+        "report says since when each failure fails and what is new or fixed",
+    )
     parser.addini("bootharness_json", "JSON results file", default="")
+    parser.addini(
+        "bootharness_history", "earlier runs' results files or folders", type="args", default=[]
+    )
     parser.addini("bootharness_html", "HTML report file", default="")
     parser.addini("bootharness_bundles", "folder for reproduction bundles", default="")
 
@@ -133,6 +145,12 @@ def settings_from(config: pytest.Config) -> MatrixSettings:
         json_path=path("bootharness_json", "bootharness_json"),
         html_path=path("bootharness_html", "bootharness_html"),
         bundles_dir=path("bootharness_bundles", "bootharness_bundles"),
+        history=tuple(
+            (config.invocation_params.dir / text).resolve()
+            for text in _split(
+                config.getoption("bootharness_history") or config.getini("bootharness_history")
+            )
+        ),
     )
     try:
         select_controllers(settings.controllers)
@@ -249,5 +267,12 @@ def configure(config: pytest.Config) -> None:
         base = config.stash[settings_key]
         config.stash[settings_key] = dataclasses.replace(base, keep_artifacts=True)
     if wants_files and not hasattr(config, "workerinput"):
-        collector = results.ResultsCollector(settings.json_path, settings.html_path)
+        from harness import history
+
+        try:
+            # Read now, not after the run: a bad path fails before any boot, not after.
+            runs = history.load_runs(settings.history)
+        except ConfigError as error:
+            raise pytest.UsageError(f"--bootharness-history: {error}") from error
+        collector = results.ResultsCollector(settings.json_path, settings.html_path, runs)
         config.pluginmanager.register(collector, "bootharness-results")

@@ -25,11 +25,14 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from harness.outcome import HarnessError, Outcome
+
+if TYPE_CHECKING:
+    from harness.history import Run
 
 log = logging.getLogger(__name__)
 
@@ -289,9 +292,12 @@ class ResultsCollector:
     JSON file), so the report's links are relative and the folder can be published as is.
     """
 
-    def __init__(self, json_path: Path | None, html_path: Path | None) -> None:
+    def __init__(
+        self, json_path: Path | None, html_path: Path | None, history: Sequence[Run] = ()
+    ) -> None:
         self.json_path = json_path
         self.html_path = html_path
+        self.history = list(history)  # earlier runs: the report says since when
         self.records: dict[str, TestRecord] = {}
         self.started = time.time()
 
@@ -314,9 +320,10 @@ class ResultsCollector:
             logs = _relative(links, self.json_path.parent)
             _write(self.json_path, results.to_json(logs))
         if self.html_path is not None:
-            from harness import html_report
+            from harness import history, html_report
 
-            page = html_report.render(results, _relative(links, self.html_path.parent))
+            streaks = history.compare(results, self.history) if self.history else None
+            page = html_report.render(results, _relative(links, self.html_path.parent), streaks)
             _write(self.html_path, page)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -168,6 +169,7 @@ class _Dom(HTMLParser):
         super().__init__()
         self.cells: list[dict[str, str]] = []
         self._cell: dict[str, str] | None = None
+        self._in_commands = False
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         found = {k: v or "" for k, v in attrs}
@@ -176,10 +178,16 @@ class _Dom(HTMLParser):
             self.cells.append(found)
         elif tag == "a" and self._cell is not None and "log" in found.get("class", ""):
             self._cell.setdefault("log", found["href"])
+        self._in_commands = self._cell is not None and "commands" in found.get("class", "")
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "td":
             self._cell = None
+        self._in_commands = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_commands and self._cell is not None:
+            self._cell["commands"] = self._cell.get("commands", "") + data
 
 
 def _chromium_dom(url: str, profile: Path) -> str:
@@ -221,6 +229,12 @@ def test_html_report_in_a_headless_browser_shows_the_failing_cell_and_its_log(
     log_dom = _chromium_dom((report.parent / link).resolve().as_uri(), tmp_path / "profile2")
     assert "Kernel panic - not syncing: sysrq triggered crash" in log_dom
     assert all(c.get("log") for c in dom.cells), "every cell links its console log"
+    # How to reproduce it on a laptop: the replay command and the pytest command of the cell.
+    failed = nightly.test(*FORCED)
+    replay, rerun = failing[0]["commands"].splitlines()
+    assert shlex.split(replay) == ["bootharness", "replay", str(failed["bundle"])]
+    assert shlex.split(rerun)[:2] == ["pytest", failed["nodeid"]]
+    assert all("commands" not in c for c in dom.cells if c is not failing[0])
 
 
 def test_replayed_bundle_reproduces_the_original_outcome(nightly: Run, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import yaml
 
 from harness.config import load_catalogue
+from tests.unit.test_history_merge import write_job
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -80,3 +82,74 @@ def test_gitlab_example_generates_a_child_pipeline_of_valid_jobs(tmp_path: Path)
     trigger = pipeline["boot"]["trigger"]["include"][0]
     assert trigger == {"artifact": "nightly-jobs.yml", "job": "matrix"}
     assert template[".bootharness-nightly"]["cache"]["key"]["files"] == ["kernels.toml"]
+
+
+def _night(folder: Path, created: str, broken: str) -> None:
+    """Two kernel jobs' downloaded artifacts; ``broken`` names the one failing controller."""
+    for kernel in ("k1", "k2"):
+        cells = {
+            c: ("KERNEL_FAULT" if c == broken and kernel == "k2" else "PASS")
+            for c in ("ahci", "nvme")
+        }
+        write_job(folder / kernel, kernel, cells, created=created)
+
+
+def test_github_report_job_merges_every_kernel_into_one_page_with_history(tmp_path: Path) -> None:
+    workflow: dict[Any, Any] = yaml.safe_load((REPO / ".github/workflows/nightly.yml").read_text())
+    boot, report = workflow["jobs"]["boot"], workflow["jobs"]["report"]
+    assert report["needs"] == "boot" and report["if"] == "always()"
+    steps = report["steps"]
+    upload = next(s for s in boot["steps"] if str(s.get("uses", "")).startswith("actions/upload"))
+    download = next(s for s in steps if str(s.get("uses", "")).startswith("actions/download"))
+    prefix = upload["with"]["name"].split("${{")[0]
+    assert download["with"]["pattern"] == f"{prefix}*"
+    folder = download["with"]["path"]  # each artifact lands in <folder>/<artifact name>/
+    cache = next(s for s in steps if str(s.get("uses", "")).startswith("actions/cache"))
+    assert cache["with"]["restore-keys"] and cache["with"]["path"] == "history"
+    merge_step = next(s for s in steps if s.get("id") == "merge")
+    assert "bootharness report merge" in merge_step["run"]
+    keep = next(s for s in steps if "history/" in str(s.get("run", "")))
+    publish = next(s for s in steps if str(s.get("uses", "")).startswith("actions/upload"))
+
+    # Two nights, run as the runner would: the second page knows what broke since the first.
+    for number, (created, broken) in enumerate(
+        [("2025-06-01T02:30:00+00:00", "-"), ("2025-06-02T02:30:00+00:00", "nvme")], 1
+    ):
+        shutil.rmtree(tmp_path / folder, ignore_errors=True)
+        _night(tmp_path / folder, created, broken)
+        done = _shell(merge_step["run"], tmp_path)
+        assert done.returncode == 0, done.stderr
+        kept = keep["run"].replace("${{ github.run_number }}", str(number))
+        done = _shell(kept, tmp_path)
+        assert done.returncode == 0, done.stderr
+    published = publish["with"]["path"].split()
+    page = tmp_path / published[0]
+    assert page.suffix == ".html"
+    text = page.read_text()
+    assert 'data-kernel="k2" data-column="nvme/init.sh" data-outcome="KERNEL_FAULT"' in text
+    assert "new tonight (passed 2025-06-01 02:30 UTC [run-1.json])" in text
+    assert "bootharness replay k2/bundles/" in text
+    logs = tmp_path / published[1]
+    assert len(list(logs.iterdir())) == 4  # every cell's console log is in the published folder
+    assert all((tmp_path / p).exists() for p in published)
+    assert sorted(p.name for p in (tmp_path / "history").iterdir()) == ["run-1.json", "run-2.json"]
+
+
+def test_gitlab_report_job_merges_the_kernel_jobs_artifacts(tmp_path: Path) -> None:
+    template: dict[str, Any] = yaml.safe_load(
+        (REPO / "examples/ci/gitlab-nightly-job.yml").read_text()
+    )
+    boot, report = template[".bootharness-nightly"], template["nightly-report"]
+    assert report["stage"] == ".post" and report["when"] == "always"
+    pytest_line = next(line for line in boot["script"] if "pytest" in line)
+    assert '--bootharness-json "reports/$KERNEL/results.json"' in pytest_line
+    _night(tmp_path / "reports", "2025-06-02T02:30:00+00:00", "ahci")
+    for line in report["script"]:
+        if ".ci/setup" in line:
+            continue
+        done = _shell(line, tmp_path, CI_PIPELINE_IID="12")
+        assert done.returncode == 0, done.stderr
+    text = (tmp_path / report["artifacts"]["paths"][0] / "index.html").read_text()
+    assert 'data-kernel="k2" data-column="ahci/init.sh" data-outcome="KERNEL_FAULT"' in text
+    assert "bootharness replay ../reports/k2/bundles/" in text
+    assert (tmp_path / "history" / "run-12.json").is_file()
