@@ -12,19 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes import fake_bzimage
+from tests.fakes import local_catalogue
 
 
 @pytest.fixture
 def catalogue(pytester: pytest.Pytester) -> str:
-    for name in ("a", "b"):
-        fake_bzimage(pytester.path / f"bz-{name}", f"6.1.0-{name}")
-    toml = pytester.path / "kernels.toml"
-    toml.write_text(
-        'default = "k-a"\n'
-        '[kernels."k-a"]\nvmlinuz = "bz-a"\ntags = ["nightly"]\n'
-        '[kernels."k-b"]\nvmlinuz = "bz-b"\ntags = ["nightly"]\n'
-    )
+    toml = local_catalogue(pytester.path, {"a": ["nightly"], "b": ["nightly"]})
     return f"--kernels={toml}"
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakes import fake_bzimage
+from tests.fakes import local_catalogue
 
 REPO = Path(__file__).resolve().parents[2]
 KERNELS = str(REPO / "kernels.toml")
@@ -15,16 +15,7 @@ KERNELS = str(REPO / "kernels.toml")
 
 @pytest.fixture
 def fake_catalogue(pytester: pytest.Pytester) -> Path:
-    for name in ("a", "b", "c"):
-        fake_bzimage(pytester.path / f"bz-{name}", f"6.1.0-{name}")
-    toml = pytester.path / "kernels.toml"
-    toml.write_text(
-        'default = "k-a"\n'
-        '[kernels."k-a"]\nvmlinuz = "bz-a"\ntags = ["nightly"]\n'
-        '[kernels."k-b"]\nvmlinuz = "bz-b"\ntags = ["nightly", "slow"]\n'
-        '[kernels."k-c"]\nvmlinuz = "bz-c"\n'
-    )
-    return toml
+    return local_catalogue(pytester.path, {"a": ["nightly"], "b": ["nightly", "slow"], "c": []})
 
 
 def test_markers_and_options_are_registered(pytester: pytest.Pytester) -> None:

@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from tests.fakes import fake_bzimage
+from tests.fakes import local_catalogue
 
 CELL_TEST = """
 import os
@@ -22,12 +22,7 @@ def test_cell(kernel, controller):
 
 @pytest.fixture
 def catalogue(pytester: pytest.Pytester) -> str:
-    for name in ("a", "b"):
-        fake_bzimage(pytester.path / f"bz-{name}", f"6.1.0-{name}")
-    toml = pytester.path / "kernels.toml"
-    toml.write_text(
-        'default = "k-a"\n[kernels."k-a"]\nvmlinuz = "bz-a"\n[kernels."k-b"]\nvmlinuz = "bz-b"\n'
-    )
+    toml = local_catalogue(pytester.path, {"a": [], "b": []})
     return f"--kernels={toml}"
 
 
