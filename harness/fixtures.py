@@ -10,7 +10,7 @@ import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 
@@ -23,6 +23,9 @@ from harness.initramfs import Initramfs, InitramfsSpec
 from harness.outcome import HarnessError
 from harness.shell import GuestShell
 from harness.templates import DEFAULT_TEMPLATE
+
+if TYPE_CHECKING:  # the plugin imports this module: no import cycle at run time
+    from harness.plugin import Settings
 
 
 class BuildInitramfs(Protocol):
@@ -71,7 +74,7 @@ def _spec(
     )
 
 
-def _settings(request: pytest.FixtureRequest) -> Any:
+def _settings(request: pytest.FixtureRequest) -> Settings:
     from harness.plugin import settings_key
 
     return request.config.stash[settings_key]
@@ -142,10 +145,12 @@ def bootharness_workdir(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _snapshot_mode(request: pytest.FixtureRequest, settings: Any, asked: bool | str | None) -> str:
+def _snapshot_mode(
+    request: pytest.FixtureRequest, settings: Settings, asked: bool | str | None
+) -> str:
     """``off``, or the snapshot mechanism a VM starts with: ``boot(snapshot=...)`` first,
     then the ``cold_boot`` and ``snapshot`` markers, then ``--snapshots``."""
-    chosen = str(getattr(settings, "snapshots", "off"))
+    chosen = settings.snapshots
     default = chosen if chosen != "off" else snapshots.AUTO
     if asked is False:
         return "off"

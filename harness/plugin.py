@@ -16,7 +16,7 @@ import pytest
 
 from harness import __version__, cache, config, fixtures, matrix
 from harness.boot import Deadlines, Vm, qemu_version
-from harness.outcome import HarnessError, InfraError, Outcome
+from harness.outcome import HarnessError, InfraError
 from harness.vmstate import render_event_log
 
 log = logging.getLogger(__name__)
@@ -243,8 +243,7 @@ def pytest_runtest_makereport(
         report.sections.append(("bootharness", _failure_section(vms, error)))
     if report.when == "call":
         item.stash[passed_key] = report.passed
-    if report.when == "call" or (report.failed and report.when == "setup"):
-        _record_properties(item, vms, error)
+    # junit properties come from the test's record (harness.recorder, harness.results).
 
 
 def _failure_section(vms: list[Vm], error: BaseException | None) -> str:
@@ -258,28 +257,3 @@ def _failure_section(vms: list[Vm], error: BaseException | None) -> str:
         if vm.machine.launched and not isinstance(error, HarnessError):
             lines.append("console tail:\n" + vm.machine.console.recorder.tail(30))
     return "\n".join(lines)
-
-
-def _record_properties(item: pytest.Item, vms: list[Vm], error: BaseException | None) -> None:
-    if not vms:
-        return
-    vm = vms[-1]
-    if isinstance(error, HarnessError):
-        outcome = error.outcome
-    elif error is None:
-        outcome = Outcome.PASS
-    else:
-        outcome = Outcome.TEST_FAIL
-    properties = {
-        "kernel": vm.kernel.name if vm.kernel else "",
-        "kernel_release": vm.kernel.release if vm.kernel else "",
-        "qemu_version": qemu_version(vm.spec.qemu),
-        "accelerator": vm.spec.accel,
-        "outcome": outcome.name,
-    }
-    boot_time = next((m.at for m in vm.marks if m.name in ("PASS", "INIT-START")), None)
-    if boot_time is not None:
-        properties["boot_time"] = f"{boot_time:.3f}"
-    properties["boot_mechanism"] = vm.boot_mechanism
-    for name, value in properties.items():
-        item.user_properties.append((name, value))

@@ -113,6 +113,7 @@ class TestRecord:
     bundle: str = ""
     qemu_version: str = ""
     accelerator: str = ""
+    boot_mechanism: str = ""  # cold, or how a snapshot restored the VM
     load_factor: float = 1.0
     attempts: int = 1
     retried: list[str] = field(default_factory=list)  # outcomes of the earlier attempts
@@ -188,6 +189,7 @@ def build_record(
         record.release = str(getattr(kernel, "release", ""))
         record.qemu_version = qemu_version(vm.spec.qemu)
         record.accelerator = vm.spec.accel
+        record.boot_mechanism = vm.boot_mechanism
         record.load_factor = float(vm.load_factor)
         record.phases = first_marks(vm.marks)
         record.console_logs = [str(v.machine.console_log) for v in vms]
@@ -213,6 +215,9 @@ def junit_properties(record: TestRecord) -> list[tuple[str, str]]:
         ("kernel", record.kernel),
         ("kernel_release", record.release),
         ("outcome", record.outcome),
+        ("qemu_version", record.qemu_version),
+        ("accelerator", record.accelerator),
+        ("boot_mechanism", record.boot_mechanism),
         ("controller", record.controller),
         ("template", record.template),
         ("load_factor", f"{record.load_factor:g}"),
@@ -220,6 +225,9 @@ def junit_properties(record: TestRecord) -> list[tuple[str, str]]:
     ]
     if record.retried:
         pairs.append(("retried", ",".join(record.retried)))
+    boot_time = record.phases.get("PASS", record.phases.get("INIT-START"))
+    if boot_time is not None:
+        pairs.append(("boot_time", f"{boot_time:.3f}"))
     for name in PHASE_MARKS:
         if name in record.phases:
             pairs.append((f"time_{name}", f"{record.phases[name]:.3f}"))
