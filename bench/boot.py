@@ -20,8 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import boot, cache, config, kernels
-from harness.initramfs import InitramfsSpec
+from harness import cache
+from harness.image.initramfs import InitramfsSpec
+from harness.kernel import catalogue as config
+from harness.kernel import provision as kernels
+from harness.vm import boot
 
 REPO = Path(__file__).resolve().parents[1]
 

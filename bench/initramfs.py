@@ -29,9 +29,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from harness import cache, config, cpio, initramfs, kernels, tools
-from harness.cpio import Entry, EntryKind
-from harness.initramfs import InitramfsSpec
+from harness import cache, tools
+from harness.image import cpio, initramfs
+from harness.image.cpio import Entry, EntryKind
+from harness.image.initramfs import InitramfsSpec
+from harness.kernel import catalogue as config
+from harness.kernel import provision as kernels
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -22,7 +22,7 @@ and the kernel continues after each compressed stream at the byte where that str
   initramfs unpacker is stricter: it stops only at the end of the data or at four zero
   bytes, and reads any other four bytes as one more block. So in an initramfs an lz4
   stream must be last or followed by zero padding; :func:`lz4_end_is_kernel_safe` checks
-  that, and :func:`harness.cpio.read_archive` enforces it.
+  that, and :func:`harness.image.cpio.read_archive` enforces it.
 """
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ def decompress_concatenated(data: bytes) -> bytes:
 
     This is ``gzip -dc`` for several members, generalised to every method: the outputs are
     joined in order. Uncompressed cpio data is not a stream, and is refused (a reader of
-    mixed images walks the segments itself, see :func:`harness.cpio.read_archive`).
+    mixed images walks the segments itself, see :func:`harness.image.cpio.read_archive`).
 
     Raises:
         ValueError: unknown or uncompressed data between streams, corrupt or truncated data.

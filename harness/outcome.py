@@ -154,16 +154,3 @@ class BootTimeout(BootFailure):
     """No progress before the phase deadline while QEMU was still alive."""
 
     outcome = Outcome.BOOT_TIMEOUT
-
-
-def outcome_of(error: BaseException | None) -> Outcome:
-    """Map an exception (or its absence) to an outcome.
-
-    Unknown exceptions are harness bugs; callers must re-raise them rather than
-    map them, so this function refuses to guess for them.
-    """
-    if error is None:
-        return Outcome.PASS
-    if isinstance(error, HarnessError):
-        return error.outcome
-    raise TypeError(f"not a harness error: {error!r}") from error

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.cache import cache_root
+
 
 def qemu_children(parent: int) -> list[int]:
     """PIDs of QEMU processes whose parent is ``parent``."""
@@ -34,4 +36,4 @@ def no_qemu_left_behind() -> Iterator[None]:
 
 # pytester points HOME at a temporary folder; pin the cache so inner runs reuse the
 # provisioned kernels instead of downloading them again.
-os.environ.setdefault("BOOTHARNESS_CACHE", str(__import__("harness.cache").cache.cache_root()))
+os.environ.setdefault("BOOTHARNESS_CACHE", str(cache_root()))

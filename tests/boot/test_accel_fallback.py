@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import accel, boot
-from harness.kernels import Kernel
+from harness.kernel.provision import Kernel
+from harness.vm import accel, boot
 
 # A QEMU that hangs whenever it is asked for KVM (as KVM guests do on these machines) and is
 # the real QEMU otherwise: the fault is injected, the boot is real.
@@ -48,7 +48,7 @@ def test_auto_falls_back_to_tcg_within_ten_seconds_and_boots(
     assert "hung" in choice.reason or "deadline" in choice.reason, choice.reason
     assert any("TCG" in str(w.message) for w in caught), "the fallback must be announced"
 
-    from harness.initramfs import InitramfsSpec
+    from harness.image.initramfs import InitramfsSpec
 
     # Boot through the same hanging-KVM wrapper: it must be asked for TCG only.
     monkeypatch.setenv("PATH", f"{Path(hanging_kvm_qemu).parent}:{os.environ['PATH']}")

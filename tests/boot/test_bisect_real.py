@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from harness import cli, templates
-from harness.bisect import Observation, bisect
+from harness.bisect.search import Observation, bisect
 from harness.cache import cache_root
-from harness.config import find_catalogue, load_catalogue
-from harness.kernels import Kernel, provision
+from harness.cli import main as cli
+from harness.image import templates
+from harness.kernel.catalogue import find_catalogue, load_catalogue
+from harness.kernel.provision import Kernel, provision
 
 FAST_KERNEL = "debian-6.1-cloud-amd64"
 
@@ -145,7 +146,7 @@ def test_git_bisect_run_names_the_commit_that_broke_the_init(
     step = [
         sys.executable,
         "-m",
-        "harness.cli",
+        "harness.cli.main",
         "bisect-step",
         "--kernels",
         str(find_catalogue(None)),

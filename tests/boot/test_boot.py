@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import boot as boot_module
-from harness.boot import Deadlines
-from harness.kernels import Kernel
-from harness.machine import MachineSpec
+from harness.kernel.provision import Kernel
 from harness.outcome import BootTimeout, ConfigError, InfraError, KernelFault, Outcome, TestFailure
+from harness.vm import boot as boot_module
+from harness.vm.boot import Deadlines
+from harness.vm.machine import MachineSpec
 
 
 def test_boot_reaches_success_marker(boot) -> None:
@@ -90,7 +90,7 @@ def test_bad_qemu_option_is_infra_error_with_qemus_message(kernel: Kernel, tmp_p
 def test_missing_kernel_file_is_config_error(tmp_path: Path) -> None:
     toml = tmp_path / "kernels.toml"
     toml.write_text('[kernels."mine"]\nvmlinuz = "no/such/bzImage"\n')
-    from harness.config import load_catalogue
+    from harness.kernel.catalogue import load_catalogue
 
     with pytest.raises(ConfigError, match="no/such/bzImage") as caught:
         load_catalogue(toml)

@@ -14,15 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from harness import faults, initramfs, power, tools
-from harness.accel import AccelChoice
-from harness.boot import Deadlines, Vm, prepare_vm
-from harness.exitcode import DEBUG_EXIT_DEVICE, GuestExitError
-from harness.fixtures import BootVm, GuestFactory
-from harness.hotplug import add_disk, remove_disk
-from harness.kernels import Kernel
+from harness import tools
+from harness.image import initramfs
+from harness.kernel.provision import Kernel
 from harness.outcome import ConfigError, KernelFault, Outcome
-from harness.shell import CommandFailed, CommandTimeout, GuestShell
+from harness.plugin.fixtures import BootVm, GuestFactory
+from harness.vm import faults, power
+from harness.vm.accel import AccelChoice
+from harness.vm.boot import Deadlines, Vm, prepare_vm
+from harness.vm.exitcode import DEBUG_EXIT_DEVICE, GuestExitError
+from harness.vm.hotplug import add_disk, remove_disk
+from harness.vm.shell import CommandFailed, CommandTimeout, GuestShell
 
 SHELL = {"after": "shell"}
 
@@ -266,7 +268,7 @@ def rescue(
     bootharness_accel: AccelChoice,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[GuestShell]:
-    from harness.plugin import settings_key
+    from harness.plugin.settings import settings_key
 
     settings = request.config.stash[settings_key]
     vm: Vm = prepare_vm(

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from harness import cli, compression, cpio, initramfs, tools
-from harness.cpio import EntryKind
-from harness.fixtures import BuildInitramfs
-from harness.initramfs import InitramfsSpec
-from harness.kernels import Kernel
-from harness.modules import modprobe_name
+from harness import compression, tools
+from harness.cli import main as cli
+from harness.image import cpio, initramfs
+from harness.image.cpio import EntryKind
+from harness.image.initramfs import InitramfsSpec
+from harness.kernel.modules import modprobe_name
+from harness.kernel.provision import Kernel
+from harness.plugin.fixtures import BuildInitramfs
 
 STORAGE = ("ata_piix", "sd_mod")
 
@@ -34,7 +36,7 @@ def module_name(relpath: str) -> str:
 
 
 def dep_graph(modules_dir: Path) -> dict[str, list[str]]:
-    """modules.dep read independently of harness.modules: name -> names it needs."""
+    """modules.dep read independently of harness.kernel.modules: name -> names it needs."""
     graph: dict[str, list[str]] = {}
     for line in (modules_dir / "modules.dep").read_text().splitlines():
         module, _, deps = line.partition(":")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import load_catalogue
+from harness.kernel.catalogue import load_catalogue
 
 REPO = Path(__file__).resolve().parents[2]
 KERNELS = ("debian-6.1-amd64", "debian-6.12-amd64", "debian-6.1-cloud-amd64")
@@ -33,8 +33,9 @@ FORCED = ("debian-6.12-amd64", "nvme")  # the cell that fails on purpose
 INNER_TEST = f"""
 import pytest
 
-from harness import disks, rootfs
-from harness.controllers import Disk
+from harness.storage import disks
+from harness.image import rootfs
+from harness.storage.controllers import Disk
 
 FORCED = {FORCED!r}
 

@@ -20,11 +20,16 @@ from pathlib import Path
 
 import pytest
 
-from harness import disks, snapshot, snapshot_errors, snapshot_plan, snapshot_store, templates
-from harness.controllers import Disk
-from harness.initramfs import InitramfsSpec
-from harness.kernels import Kernel
+from harness.image import templates
+from harness.image.initramfs import InitramfsSpec
+from harness.kernel.provision import Kernel
 from harness.outcome import KernelFault
+from harness.snapshot import errors as snapshot_errors
+from harness.snapshot import plan as snapshot_plan
+from harness.snapshot import restore as snapshot
+from harness.snapshot import store as snapshot_store
+from harness.storage import disks
+from harness.storage.controllers import Disk
 
 
 def lines_after(text: str, marker: str) -> list[str]:

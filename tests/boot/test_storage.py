@@ -3,7 +3,7 @@ several disks, QEMU's view against the guest's, failures that say why, untouched
 
 Each boot's initramfs finds the root disk through the controller's own driver (added to
 the initramfs by the boot fixture, never listed here), mounts it and switch_roots into a
-minimal root (harness.rootfs) whose /sbin/init proves it runs as PID 1 on that disk.
+minimal root (harness.image.rootfs) whose /sbin/init proves it runs as PID 1 on that disk.
 """
 
 from __future__ import annotations
@@ -15,10 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from harness import blockview, disks, rootfs, tools
-from harness.controllers import CONTROLLERS, Disk
-from harness.disks import DiskImage
+from harness import tools
+from harness.image import rootfs
 from harness.outcome import TestFailure
+from harness.storage import disks
+from harness.storage.controllers import CONTROLLERS, Disk
+from harness.storage.disks import DiskImage
+from harness.vm import blockview
 
 ROOT_LABEL = "bh-root"
 DATA_LABEL = "bh-data"

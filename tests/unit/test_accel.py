@@ -1,4 +1,4 @@
-"""Tests for harness.accel: accelerator choice, the KVM probe and its cache.
+"""Tests for harness.vm.accel: accelerator choice, the KVM probe and its cache.
 
 Fake QEMUs are small shell scripts that hang, fail like QEMU's MSR error, or exit the way
 the probe guest makes QEMU exit. Every fake appends one line per run to ``invocations``
@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 import harness
-from harness import accel
-from harness.accel import AccelChoice, KvmFallbackWarning, choose_accelerator
 from harness.outcome import ConfigError, InfraError
+from harness.vm import accel
+from harness.vm.accel import AccelChoice, KvmFallbackWarning, choose_accelerator
 
 MSR_LINE = "qemu-system-x86_64: error: failed to set MSR 0x48f to 0x7fefff00036dfb"
 ASSERT_LINE = (
@@ -364,7 +364,7 @@ def test_unusable_cache_dir_still_probes(tmp_path: Path, kvm_device: Path) -> No
 def test_concurrent_processes_probe_once(tmp_path: Path, kvm_device: Path, cache_dir: Path) -> None:
     fake = make_fake(tmp_path, f"sleep 0.5\n{SUCCESS}")
     code = (
-        "import sys; from pathlib import Path; from harness.accel import choose_accelerator; "
+        "import sys; from pathlib import Path; from harness.vm.accel import choose_accelerator; "
         "print(choose_accelerator('auto', qemu=sys.argv[1], cache_dir=Path(sys.argv[2]), "
         "kvm_device=Path(sys.argv[3])).name)"
     )

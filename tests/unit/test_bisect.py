@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from harness import cli
-from harness.bisect import Observation, Status, Verdict, bisect, max_verdicts
-from harness.bisect_oracles import junit_outcomes, pytest_outcome, worst
-from harness.cli_bisect import STEP_ABORT, STEP_BUG, STEP_SKIP, bisect_candidates
-from harness.config import load_catalogue
+from harness.bisect.oracles import junit_outcomes, pytest_outcome, worst
+from harness.bisect.search import Observation, Status, Verdict, bisect, max_verdicts
+from harness.bisect.verdicts import CACHEABLE, VerdictCache, verdict_key
+from harness.cli import main as cli
+from harness.cli.bisect import STEP_ABORT, STEP_BUG, STEP_SKIP, bisect_candidates
+from harness.kernel.catalogue import load_catalogue
 from harness.outcome import ConfigError, InfraError, Outcome
-from harness.verdicts import CACHEABLE, VerdictCache, verdict_key
 
 BAD_OUTCOMES = (Outcome.TEST_FAIL, Outcome.KERNEL_FAULT, Outcome.BOOT_TIMEOUT)
 
@@ -372,7 +372,7 @@ def test_step_failed_build_is_a_skip(tmp_path: Path) -> None:
 def test_step_harness_bug_aborts_with_a_traceback(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from harness import cli_bisect
+    from harness.cli import bisect as cli_bisect
 
     def broken(args: object) -> int:
         raise RuntimeError("bug")

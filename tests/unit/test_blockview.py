@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from harness import blockview, tools
-from harness.qmp import QmpError
+from harness import tools
+from harness.vm import blockview
+from harness.vm.qmp import QmpError
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "storage"
 MIB = 1 << 20

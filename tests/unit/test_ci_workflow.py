@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from harness.config import load_catalogue
+from harness.kernel.catalogue import load_catalogue
 from tests.unit.test_history_merge import write_job
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import cli, cpio
-from harness.cpio import Entry
+from harness.cli import main as cli
+from harness.image import cpio
+from harness.image.cpio import Entry
 from tests.fakes import fake_bzimage
 
 RELEASE = "6.1.0-test"

@@ -20,7 +20,7 @@ from harness.compression import (
     decompress_stream,
     detect,
 )
-from harness.cpio import Entry, write_archive
+from harness.image.cpio import Entry, write_archive
 from harness.outcome import ConfigError, MissingToolError
 
 COMPRESSED = [m for m in METHODS if m != "none"]

@@ -1,4 +1,4 @@
-"""Tests for harness.config: parsing, validation messages, selection and lookup of kernels.toml."""
+"""Tests for harness.kernel.catalogue: parsing, validation messages, selection and lookup of kernels.toml."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import (
+from harness.kernel.catalogue import (
     ENV_VAR,
+    SHIPPED_CATALOGUE,
     Catalogue,
     CatalogueError,
     DebianPackage,
@@ -708,11 +709,9 @@ def test_find_defaults_to_the_current_folder(
     assert find_catalogue() == path
 
 
-def test_find_nothing_is_an_error_saying_where_it_looked(tmp_path: Path, no_env: None) -> None:
+def test_find_nothing_falls_back_to_the_shipped_catalogue(tmp_path: Path, no_env: None) -> None:
     if any((folder / "kernels.toml").exists() for folder in tmp_path.parents):
         pytest.skip("a kernels.toml exists above the temporary folder")
-    with pytest.raises(ConfigError) as caught:
-        find_catalogue(start=tmp_path)
-    message = str(caught.value)
-    assert str(tmp_path) in message
-    assert ENV_VAR in message
+    found = find_catalogue(start=tmp_path)
+    assert found == SHIPPED_CATALOGUE.resolve()
+    assert load_catalogue(found).default  # the shipped catalogue is valid and has a default

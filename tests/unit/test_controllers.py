@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from harness import capabilities, controllers, storage
-from harness.controllers import CONTROLLERS, Disk
-from harness.disks import DiskImage
-from harness.kernels import Kernel
+from harness.kernel import capabilities
+from harness.kernel.provision import Kernel
 from harness.outcome import ConfigError
+from harness.storage import attach as storage
+from harness.storage import controllers
+from harness.storage.controllers import CONTROLLERS, Disk
+from harness.storage.disks import DiskImage
 
 
 def image(name: str = "d.raw", fstype: str | None = "ext4") -> DiskImage:

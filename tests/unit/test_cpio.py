@@ -1,4 +1,4 @@
-"""harness.cpio: newc writer and reader, checked against GNU cpio."""
+"""harness.image.cpio: newc writer and reader, checked against GNU cpio."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness import compression
-from harness.cpio import (
+from harness.image.cpio import (
     Entry,
     EntryKind,
     list_paths,

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import disks, rootfs, tools
-from harness.disks import DiskImage
+from harness import tools
+from harness.image import rootfs
 from harness.outcome import ConfigError
+from harness.storage import disks
+from harness.storage.disks import DiskImage
 
 
 def run(*argv: str) -> str:

@@ -1,4 +1,4 @@
-"""Tests for harness.faults: the pattern table, real console logs, the incremental scanner."""
+"""Tests for harness.vm.faults: the pattern table, real console logs, the incremental scanner."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import faults
-from harness.faults import (
+from harness.vm import faults
+from harness.vm.faults import (
     PATTERNS,
     Fault,
     FaultPattern,

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import exitcode, shell, tools, vmstate
+from harness import tools
 from harness.outcome import Outcome
+from harness.vm import exitcode, shell
+from harness.vm import state as vmstate
 
 
 def run_in_busybox(lines: list[str], tmp_path: Path) -> str:

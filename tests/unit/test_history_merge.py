@@ -1,4 +1,4 @@
-"""Since when (harness.history) and one page from many CI jobs (harness.merge), no boots.
+"""Since when (harness.report.history) and one page from many CI jobs (harness.report.merge), no boots.
 
 Results files are written the way a run writes them (:meth:`Results.to_json` next to a
 ``report-logs/`` folder and a ``bundles/`` folder), laid out like downloaded CI artifacts.
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import history, merge
-from harness.cli import main
+from harness.cli.main import main
 from harness.outcome import ConfigError
-from harness.results import Results, TestRecord, safe_name
+from harness.report import history, merge
+from harness.report.model import Results, TestRecord, safe_name
 
 RUNNER = "/home/runner/work/repo/repo/reports"  # where the CI job wrote, gone here
 
@@ -130,7 +130,7 @@ def test_load_runs_reads_folders_skips_strays_and_names_bad_files(
     (folder / "a.json").write_text(_run("2025-06-01T02:00:00+00:00", {CELL: "PASS"}).to_json())
     (folder / "stray.json").write_text('{"format": "something-else"}')
     (folder / "notes.txt").write_text("not json")
-    with caplog.at_level(logging.WARNING, logger="harness.history"):
+    with caplog.at_level(logging.WARNING, logger="harness.report.history"):
         runs = history.load_runs([folder])
     assert [r.source for r in runs] == ["a.json", "b.json"]  # oldest first
     assert "stray.json" in caplog.text

@@ -1,4 +1,4 @@
-"""Tests of harness.initramfs with a fake kernel: caching, determinism, content, modules.
+"""Tests of harness.image.initramfs with a fake kernel: caching, determinism, content, modules.
 
 The kernel is a stand-in (any file as vmlinuz, release ``6.1.0-test``); modules come from a
 synthetic ``lib/modules`` tree of fake ``.ko`` files that only carry a ``vermagic=`` string.
@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from harness import compression, cpio, initramfs, tools
-from harness.cpio import Entry, EntryKind
-from harness.initramfs import Initramfs, InitramfsSpec
-from harness.kernels import Kernel
-from harness.modules import VermagicMismatchError
+from harness import compression, tools
+from harness.image import cpio, initramfs
+from harness.image.cpio import Entry, EntryKind
+from harness.image.initramfs import Initramfs, InitramfsSpec
+from harness.kernel.modules import VermagicMismatchError
+from harness.kernel.provision import Kernel
 from harness.outcome import ConfigError
 
 RELEASE = "6.1.0-test"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import kernels
-from harness.config import DebianPackage, KernelEntry, LocalFiles
+from harness.kernel import provision as kernels
+from harness.kernel.catalogue import DebianPackage, KernelEntry, LocalFiles
 from harness.outcome import ConfigError
 from tests.fakes import fake_bzimage
 

@@ -10,11 +10,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import bundle, fanout, html_report, loadscale, matrix, results
-from harness.config import load_catalogue
+from harness.cli import fanout
+from harness.kernel.catalogue import load_catalogue
 from harness.outcome import ConfigError, InfraError, KernelFault, Outcome
-from harness.replay import _swap_file
-from harness.results import AttemptState, Results, TestRecord
+from harness.image import templates
+from harness.storage import controllers
+from harness.report import bundle
+from harness.report import html as html_report
+from harness.report import model as results
+from harness.plugin.collector import AttemptState
+from harness.report.model import Results, TestRecord
+from harness.report.replay import _swap_file
+from harness.vm import loadscale
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -177,14 +184,14 @@ def test_worst_outcome_order() -> None:
 
 
 def test_controller_and_template_selection() -> None:
-    assert [c.name for c in matrix.select_controllers([])] == [matrix.DEFAULT_CONTROLLER]
-    assert len(matrix.select_controllers(["all"])) >= 7
-    assert [c.name for c in matrix.select_controllers(["nvme", "ahci"])] == ["ahci", "nvme"]
+    assert [c.name for c in controllers.select([])] == [controllers.DEFAULT_CONTROLLER]
+    assert len(controllers.select(["all"])) >= 7
+    assert [c.name for c in controllers.select(["nvme", "ahci"])] == ["ahci", "nvme"]
     with pytest.raises(ConfigError, match=r"'scsi9'.*ahci"):
-        matrix.select_controllers(["scsi9", "ahci"])
-    assert matrix.select_templates(["init.sh"]) == ["init.sh.j2"]
+        controllers.select(["scsi9", "ahci"])
+    assert templates.select(["init.sh"]) == ["init.sh.j2"]
     with pytest.raises(ConfigError, match=r"nope\.sh\.j2"):
-        matrix.select_templates(["nope.sh"])
+        templates.select(["nope.sh"])
 
 
 def test_fanout_formats_follow_kernels_toml() -> None:

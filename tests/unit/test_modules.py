@@ -1,4 +1,4 @@
-"""Tests of harness.modules: resolving module names to files in load order, and vermagic.
+"""Tests of harness.kernel.modules: resolving module names to files in load order, and vermagic.
 
 Most tests build synthetic module trees in ``tmp_path`` (fake ``.ko`` files that only hold a
 ``vermagic=`` string, hand-written ``modules.dep`` and companions).
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.modules import (
+from harness.kernel.modules import (
     ModuleFile,
     ModuleIndex,
     UnknownModuleError,
@@ -354,7 +354,7 @@ def test_unknown_or_builtin_softdep_is_skipped_with_a_debug_log(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     index = load(softdep_tree(tmp_path))
-    with caplog.at_level(logging.DEBUG, logger="harness.modules"):
+    with caplog.at_level(logging.DEBUG, logger="harness.kernel.modules"):
         result = names(index.resolve(["fs"]))
     assert result[-1] == "fs"
     skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
@@ -602,7 +602,9 @@ def real_modules_dir() -> Path:
     default kernel of the repository's kernels.toml, provisioned into the cache."""
     value = os.environ.get(MODULES_DIR_ENV)
     if not value:
-        from harness import cache, config, kernels
+        from harness import cache
+        from harness.kernel import catalogue as config
+        from harness.kernel import provision as kernels
 
         catalogue = config.load_catalogue(Path(__file__).resolve().parents[2] / "kernels.toml")
         kernel = kernels.provision(catalogue.get(catalogue.default), cache.cache_root())
@@ -729,7 +731,7 @@ def _modprobe_order(modules_dir: Path, name: str) -> list[str] | None:
     return order
 
 
-# Modules with at most one softdep line: kmod honours only the first (see harness.modules).
+# Modules with at most one softdep line: kmod honours only the first (see harness.kernel.modules).
 @pytest.mark.parametrize("name", ["ata_piix", "sd_mod", "ext4", "virtio_blk", "xfs", "nfsd"])
 def test_real_order_agrees_with_modprobe(
     real_index: ModuleIndex, real_modules_dir: Path, name: str

@@ -12,9 +12,13 @@ from typing import Any
 
 import pytest
 
-from harness import snapshot, snapshot_errors, snapshot_plan, snapshot_store, templates
-from harness.fixtures import _snapshot_mode
-from harness.initramfs import InitramfsSpec, template_variables
+from harness.image import templates
+from harness.image.initramfs import InitramfsSpec, template_variables
+from harness.plugin.fixtures import _snapshot_mode
+from harness.snapshot import errors as snapshot_errors
+from harness.snapshot import plan as snapshot_plan
+from harness.snapshot import restore as snapshot
+from harness.snapshot import store as snapshot_store
 
 PAGE = 4096
 

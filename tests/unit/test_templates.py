@@ -1,4 +1,4 @@
-"""Tests of harness.templates: strict, auto-quoting Jinja2 rendering of init scripts.
+"""Tests of harness.image.templates: strict, auto-quoting Jinja2 rendering of init scripts.
 
 Quoting is proven by running, not by reading: rendered snippets are executed with the same
 ``busybox sh`` that runs /init, in a private folder, and what the shell saw is compared byte
@@ -14,10 +14,11 @@ from typing import Any
 
 import pytest
 
-from harness import templates, tools
-from harness.initramfs import InitramfsSpec, template_variables
+from harness import tools
+from harness.image import templates
+from harness.image.initramfs import InitramfsSpec, template_variables
+from harness.image.templates import TemplateError, render
 from harness.outcome import ConfigError
-from harness.templates import TemplateError, render
 
 # Every character class a shell treats specially, in one value each and all together.
 HOSTILE = [

@@ -1,0 +1,96 @@
+"""Plain-text forms of what the ``bootharness`` command prints: tables and listings.
+
+Pure functions from harness objects to lines, so the command line stays parsing and calls,
+and the formats can be tested without running anything.
+"""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.image.cpio import Entry, EntryKind
+from harness.image.initramfs import Initramfs
+from harness.kernel.catalogue import DebianPackage, KernelEntry
+
+
+@dataclass(frozen=True)
+class KernelRow:
+    """One line of ``bootharness kernels``; ``release`` is None when not known."""
+
+    entry: KernelEntry
+    is_default: bool
+    fetched: bool
+    release: str | None
+
+
+def source_of(entry: KernelEntry) -> str:
+    """The package name of a Debian kernel, the vmlinuz path of a local one."""
+    if isinstance(entry.source, DebianPackage):
+        return entry.source.package
+    return str(entry.source.vmlinuz)
+
+
+def table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned columns two spaces apart; the first row is the header."""
+    if not rows:
+        return []
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+
+
+def kernel_table(rows: Sequence[KernelRow]) -> list[str]:
+    """The ``bootharness kernels`` table; the default kernel's name is prefixed with ``*``."""
+    cells = [["", "NAME", "SOURCE", "RELEASE", "FETCHED", "TAGS"]]
+    for row in rows:
+        cells.append(
+            [
+                "*" if row.is_default else "",
+                row.entry.name,
+                source_of(row.entry),
+                row.release or "-",
+                "yes" if row.fetched else "no",
+                ",".join(row.entry.tags) or "-",
+            ]
+        )
+    return table(cells)
+
+
+def ls_lines(entries: Sequence[Entry]) -> list[str]:
+    """Archive entries as ``ls -l`` shows files: mode, size (or major, minor), path."""
+    sizes = [_size_column(entry) for entry in entries]
+    width = max((len(size) for size in sizes), default=0)
+    lines = []
+    for entry, size in zip(entries, sizes, strict=True):
+        line = f"{stat.filemode(entry.kind.value | entry.mode)}  {size.rjust(width)}  {entry.path}"
+        if entry.kind is EntryKind.SYMLINK:
+            line += f" -> {entry.target}"
+        lines.append(line)
+    return lines
+
+
+def _size_column(entry: Entry) -> str:
+    if entry.kind in (EntryKind.CHARDEV, EntryKind.BLOCKDEV):
+        major, minor = entry.rdev
+        return f"{major}, {minor}"
+    if entry.kind is EntryKind.DIR:
+        return "0"
+    return str(len(entry.data))  # for a symlink, the target's length, as ls shows it
+
+
+def build_summary(image: Initramfs, copied_to: Path | None) -> list[str]:
+    """What ``bootharness initramfs build`` made: where, with which modules, cached or not."""
+    modules = " ".join(module.name for module in image.modules) or "(none)"
+    lines = [
+        f"image:   {image.path}",
+        f"modules: {modules}",
+        f"cache:   {'built' if image.built else 'hit'}",
+    ]
+    if copied_to is not None:
+        lines.append(f"copied:  {copied_to}")
+    return lines

@@ -1,0 +1,9 @@
+"""Images a guest boots from: cpio archives, init templates, our initramfs, root file systems.
+
+- :mod:`~harness.image.cpio`: read and write ``newc`` archives (also concatenated, compressed).
+- :mod:`~harness.image.templates`: Jinja2 init scripts, shell-quoted by default, ``sh -n`` checked.
+- :mod:`~harness.image.initramfs`: busybox, the kernel's modules, files, /init; cached.
+- :mod:`~harness.image.rootfs`: a minimal busybox root to ``switch_root`` into.
+
+May import the foundation and :mod:`harness.kernel`.
+"""

@@ -1,0 +1,214 @@
+"""Since when: each test's outcome tonight against the results of earlier runs.
+
+The earlier runs are results files (:meth:`harness.report.model.Results.to_json`) of earlier
+nights, given as files or folders. For every test of tonight's run, :func:`compare` walks
+back through the runs that have a verdict on that test (a run that did not run it, or skipped
+it, says nothing and is passed over) and tells:
+
+* a failing test: ``NEW`` when it passed the last time it ran, otherwise ``FAILING`` since the
+  first run of its unbroken series of failures (``complete`` is False when the history runs
+  out before a pass, so the failure is at least that old);
+* a passing test: ``FIXED`` when it failed the last time it ran, otherwise ``PASSING``;
+* ``UNKNOWN`` when no earlier run has a verdict on it.
+
+Tests are matched by node id, which holds the kernel, controller and template of the cell.
+Pure functions, apart from :func:`load_runs`, which reads the files.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.outcome import ConfigError, Outcome
+from harness.report.model import SKIPPED, Results, TestRecord
+
+log = logging.getLogger(__name__)
+
+NEW = "NEW"
+FAILING = "FAILING"
+FIXED = "FIXED"
+PASSING = "PASSING"
+UNKNOWN = "UNKNOWN"
+
+
+@dataclass(frozen=True)
+class Run:
+    """An earlier run: its results and the file they were read from."""
+
+    results: Results
+    source: str = ""  # the file name, shown next to the date
+
+    @property
+    def label(self) -> str:
+        """How the page names the run: its date (UTC, to the minute) and file."""
+        when = _when(self.results.created)
+        stamp = when.astimezone(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC") if when else ""
+        stamp = stamp or self.results.created or "undated run"
+        return f"{stamp} [{self.source}]" if self.source else stamp
+
+
+@dataclass(frozen=True)
+class Streak:
+    """What a test's history says about its outcome tonight."""
+
+    status: str  # NEW, FAILING, FIXED, PASSING or UNKNOWN
+    since: str = ""  # label of the first failing run of the series ("" for NEW: tonight)
+    runs: int = 0  # failing runs in the series, tonight included (FIXED: the ended series)
+    last_outcome: str = ""  # outcome the last time the test ran
+    last_run: str = ""  # label of that run
+    complete: bool = True  # False: every earlier run failed it too, the series may be older
+
+    def text(self) -> str:
+        """One line for the report, e.g. ``failing since 2025-06-01 02:17 UTC (3 runs)``."""
+        if self.status == NEW:
+            return f"new tonight (passed {self.last_run})"
+        if self.status == FAILING:
+            oldest = "" if self.complete else "at least "
+            return f"failing since {oldest}{self.since} ({self.runs} runs)"
+        if self.status == FIXED:
+            return f"fixed tonight (was {self.last_outcome} {self.last_run})"
+        if self.status == PASSING:
+            return "passing"
+        return "no earlier result"
+
+
+def verdict(record: TestRecord) -> bool | None:
+    """True: it failed; False: it passed; None: no verdict (skipped)."""
+    if record.outcome == SKIPPED:
+        return None
+    return record.outcome != Outcome.PASS.name
+
+
+def order(runs: Iterable[Run]) -> list[Run]:
+    """Oldest first, by their ``created`` time; the same run given twice counts once."""
+    unique: dict[tuple[object, ...], Run] = {}
+    for run in runs:
+        unique.setdefault(_identity(run.results), run)
+    epoch = datetime.datetime.min.replace(tzinfo=datetime.UTC)
+    return sorted(unique.values(), key=lambda r: _when(r.results.created) or epoch)
+
+
+def compare(tonight: Results, history: Sequence[Run]) -> dict[str, Streak]:
+    """Each test of ``tonight`` (node id) -> its :class:`Streak` against ``history``.
+
+    Runs of ``history`` that are tonight's own (same time, host and outcomes) or newer than
+    it are ignored, so a history folder may already hold tonight's file.
+    """
+    now = _when(tonight.created)
+    earlier = [
+        run
+        for run in order(history)
+        if _identity(run.results) != _identity(tonight)
+        and not (now and (when := _when(run.results.created)) and when > now)
+    ]
+    outcomes = [({r.nodeid: r for r in run.results.records}, run.label) for run in earlier]
+    streaks: dict[str, Streak] = {}
+    for record in tonight.records:
+        # Newest first: the runs that have a verdict on this test.
+        seen = [
+            (found, label)
+            for by_id, label in reversed(outcomes)
+            if (found := by_id.get(record.nodeid)) is not None and verdict(found) is not None
+        ]
+        streaks[record.nodeid] = streak(record, seen)
+    return streaks
+
+
+def streak(record: TestRecord, seen: Sequence[tuple[TestRecord, str]]) -> Streak:
+    """The streak of ``record`` given its earlier verdicts, newest first, with run labels."""
+    failed = verdict(record)
+    if failed is None or not seen:
+        return Streak(UNKNOWN)
+    last, last_run = seen[0]
+    series = 0
+    for earlier, _ in seen:
+        if not verdict(earlier):
+            break
+        series += 1
+    if failed:
+        if series == 0:
+            return Streak(NEW, runs=1, last_outcome=last.outcome, last_run=last_run)
+        return Streak(
+            FAILING,
+            since=seen[series - 1][1],
+            runs=series + 1,
+            last_outcome=last.outcome,
+            last_run=last_run,
+            complete=series < len(seen),
+        )
+    if series:
+        return Streak(
+            FIXED,
+            since=seen[series - 1][1],
+            runs=series,
+            last_outcome=last.outcome,
+            last_run=last_run,
+            complete=series < len(seen),
+        )
+    return Streak(PASSING, last_outcome=last.outcome, last_run=last_run)
+
+
+def counts(streaks: Mapping[str, Streak]) -> dict[str, int]:
+    """Number of tests per status."""
+    total: dict[str, int] = {}
+    for value in streaks.values():
+        total[value.status] = total.get(value.status, 0) + 1
+    return total
+
+
+def load_runs(paths: Sequence[Path]) -> list[Run]:
+    """Read earlier results: files, or folders whose ``*.json`` files are read.
+
+    In a folder, files that are not bootharness results (or cannot be read) are skipped with
+    a warning, so one stray or truncated file does not lose the morning's report.
+
+    Raises:
+        ConfigError: a path does not exist, or a file named on its own is not a readable
+            bootharness results file (the message names it).
+    """
+    runs: list[Run] = []
+    for path in paths:
+        if path.is_dir():
+            for file in sorted(path.glob("*.json")):
+                try:
+                    runs.append(_load(file))
+                except ConfigError as error:
+                    log.warning("history: skipping %s", error)
+        elif path.is_file():
+            runs.append(_load(path))
+        else:
+            raise ConfigError(
+                f"history {path}: no such file or folder; give earlier runs' results JSON "
+                "files (--bootharness-json) or folders holding them"
+            )
+    return order(runs)
+
+
+def _load(path: Path) -> Run:
+    try:
+        results = Results.load(path)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        # json.JSONDecodeError is a ValueError; a file of another format raises ValueError.
+        raise ConfigError(
+            f"{path}: not a readable bootharness results file ({error}); "
+            "give results JSON files written by --bootharness-json or `bootharness report merge`"
+        ) from error
+    return Run(results, path.name)
+
+
+def _identity(results: Results) -> tuple[object, ...]:
+    """What makes two results files the same run (paths inside may have been rewritten)."""
+    tests = tuple((r.nodeid, r.outcome) for r in results.records)
+    return (results.created, results.host, tests)
+
+
+def _when(created: str) -> datetime.datetime | None:
+    try:
+        when = datetime.datetime.fromisoformat(created)
+    except ValueError:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=datetime.UTC)

@@ -1,0 +1,502 @@
+"""Start tests from a booted snapshot instead of booting every time.
+
+Most tests in a suite boot the same kernel, initramfs and machine, and spend nearly all of
+their time getting to the same point. Here the harness boots once to that point, saves the
+VM, and starts every later test with the same definition from the saved state. This module
+makes snapshots (:func:`create`, :func:`ensure`) and starts VMs from them
+(:class:`SnapshotVm`, :func:`prepare_vm`); the parts it builds on:
+
+* :mod:`harness.snapshot.plan`: a test's VM split at the ready point (the shared snapshot
+  image and the test's own rest of script), the go line with its fresh nonce, clock and
+  randomness, and the snapshot's cache key;
+* :mod:`harness.snapshot.store`: a saved snapshot's folder, its manifest, content digests,
+  the checks before use, and discarding it;
+* :mod:`harness.snapshot.migration`: saving a VM's state to a file and loading it into a new QEMU;
+* :mod:`harness.snapshot.errors`: the errors, each of which means the test boots cold.
+
+**Two mechanisms**, chosen at run time (:data:`~harness.snapshot.store.MECHANISMS`, best
+first):
+
+* ``shared-ram``: guest RAM lives in a file (``memory-backend-file,share=on``) while the
+  snapshot boots; with the ``x-ignore-shared`` migration capability, the saved stream holds
+  only device state. A restore maps the same file ``share=off`` (``MAP_PRIVATE``): pages are
+  read on demand and copied on write, so the saved RAM is never written. ``x-ignore-shared``
+  is experimental, so a probe restore checks after saving that the mechanism restores and
+  that the RAM file's size and times did not change (its key holds the QEMU binary's hash,
+  so every QEMU upgrade checks again).
+* ``stream``: the portable one: the whole migration stream (RAM included) in one file,
+  saved with ``migrate exec:cat > FILE`` and loaded with ``-incoming defer`` and
+  ``migrate-incoming exec:cat FILE`` (QEMU 7.2 has no ``file:`` URI).
+
+The mechanism a VM started with is in ``vm.boot_mechanism`` (``cold`` when it booted) and
+in the junit property ``boot_mechanism``.
+
+**Creation** runs under :func:`harness.cache.build_once` (a file lock and an atomic rename),
+so parallel workers build a snapshot once and nobody sees half of one.
+
+**Disks.** The snapshot is taken before any disk is mounted: the guest has probed the disks
+(partition tables, in its block device cache) but holds no file system state and has no
+write in flight. Each restore gets its own fresh copy-on-write overlay of the same base
+images, so what the guest cached at the ready point is still what the disk holds, and no
+test sees another test's writes. The migration stream does not hold disk contents; the
+overlays the snapshot boot used are thrown away.
+
+**Safety.** A snapshot that is corrupt (it fails the checks of
+:func:`~harness.snapshot.store.load`), or fails to restore (QEMU rejects it, the guest does
+not answer the go line), is discarded and the test boots cold, with a
+:class:`~harness.snapshot.errors.SnapshotWarning`. A test can always opt out and boot cold.
+
+**After a restore**, the VM behaves like a booted one: a new console socket pair and QMP
+connection (:class:`~harness.vm.machine.Machine` makes them), fault detection expecting no
+kernel banner (a banner would be an unexpected reboot), the same markers. Output from before
+the snapshot is not replayed: the console log starts at the restore.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from harness import cache
+from harness.image.initramfs import InitramfsSpec
+from harness.kernel.provision import Kernel
+from harness.outcome import ConfigError, HarnessError, InfraError
+from harness.snapshot.errors import (
+    SnapshotCorrupt,
+    SnapshotError,
+    SnapshotUnsupported,
+    SnapshotWarning,
+)
+from harness.snapshot.migration import incoming, save
+from harness.snapshot.plan import Plan, go_line, make_plan, rest_message
+from harness.snapshot.store import (
+    MECHANISMS,
+    RAM_FILE,
+    STATE_FILE,
+    Snapshot,
+    discard,
+    file_identity,
+    load,
+    write_manifest,
+)
+from harness.storage.attach import Storage
+from harness.vm import boot as boot_module
+from harness.vm.boot import Vm, machine_spec, new_nonce, qemu_version
+from harness.vm.console import Mark
+from harness.vm.deadlines import Deadlines
+from harness.vm.machine import Machine, MachineSpec
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+MODES = ("off", AUTO, *MECHANISMS)
+BOOT_LOG = "snapshot-boot.log"
+DEFAULT_DEADLINES = Deadlines()
+
+
+# -- making one
+
+
+@dataclass
+class Creation:
+    """Where a snapshot boot and its probe restore keep their files (not in the cache)."""
+
+    workdir: Path
+    deadlines: Deadlines = DEFAULT_DEADLINES
+    seconds: float = 0.0
+
+
+def create(plan: Plan, mechanism: str, target: Path, creation: Creation) -> None:
+    """Boot ``plan`` to its ready point, save it with ``mechanism`` into folder ``target``,
+    check that it restores, and write the manifest last.
+
+    Raises:
+        SnapshotUnsupported: the mechanism does not work with this QEMU.
+        HarnessError: the boot failed before its ready point (TestFailure, KernelFault,
+            BootTimeout, InfraError), or saving failed (SnapshotError).
+    """
+    started = time.monotonic()
+    target.mkdir()
+    ready_nonce = new_nonce()
+    shared = mechanism == "shared-ram"
+    boot_dir = creation.workdir / f"snapshot-boot-{mechanism}"
+    spec = plan.machine(
+        boot_dir,
+        ready_nonce=ready_nonce,
+        mechanism=mechanism,
+        ram=target / RAM_FILE,
+        share=True,
+        incoming=False,
+    )
+    vm = Vm(spec, boot_dir, nonce=ready_nonce, deadlines=creation.deadlines)
+    with vm:
+        try:
+            vm.start()
+        except InfraError as error:
+            if shared and vm.machine.poll() is not None:
+                raise SnapshotUnsupported(
+                    f"QEMU cannot keep guest RAM in a shared file: {error.message}"
+                ) from error
+            raise
+        if shared:
+            capabilities = vm.qmp.command("query-migrate-capabilities")
+            if not any(c.get("capability") == "x-ignore-shared" for c in capabilities):
+                raise SnapshotUnsupported(
+                    f"QEMU {qemu_version(spec.qemu)} has no x-ignore-shared capability",
+                    lasting=True,
+                )
+        vm.expect_marker("READY", phase="init")
+        deadline = time.monotonic() + creation.deadlines.of("shutdown")
+        save(vm.machine, target / STATE_FILE, mechanism=mechanism, deadline=deadline)
+    shutil.copyfile(vm.machine.console_log, target / BOOT_LOG)
+    _probe(plan, target, mechanism, ready_nonce, creation)
+    write_manifest(
+        target,
+        [STATE_FILE, RAM_FILE] if shared else [STATE_FILE],
+        mechanism=mechanism,
+        ready_nonce=ready_nonce,
+        key=plan.key,
+        key_parts=dict(plan.key_parts),
+        qemu_version=qemu_version(spec.qemu),
+        kernel=f"{plan.kernel.name} ({plan.kernel.release})",
+        memory_mb=spec.memory_mb,
+        seconds=round(time.monotonic() - started, 3),
+    )
+    creation.seconds = time.monotonic() - started
+    log.info("snapshot %s made with %s in %.2f s", target.name, mechanism, creation.seconds)
+
+
+def _probe(plan: Plan, target: Path, mechanism: str, ready_nonce: str, creation: Creation) -> None:
+    """Restore the new snapshot once, and check that the saved RAM was not written."""
+    ram = target / RAM_FILE if mechanism == "shared-ram" else None
+    before = file_identity(ram)[3:] if ram is not None else None
+    probe_dir = creation.workdir / f"snapshot-probe-{mechanism}"
+    spec = plan.machine(
+        probe_dir,
+        ready_nonce=ready_nonce,
+        mechanism=mechanism,
+        ram=ram,
+        share=False,
+        incoming=True,
+    )
+    snapshot = Snapshot(target, mechanism, ready_nonce, {"files": {}}, ("", 0, 0, 0, 0, 0))
+    machine = Machine(spec, probe_dir, nonce=new_nonce(), expected_boots=0)
+    try:
+        machine.launch()
+        incoming(machine, snapshot, time.monotonic() + creation.deadlines.of("firmware"))
+        machine.resume()
+        status = machine.qmp.command("query-status")
+        if status.get("status") != "running":
+            raise SnapshotError(f"a restored VM is {status.get('status')!r}, not running")
+    except HarnessError as error:
+        if mechanism == "shared-ram":
+            raise SnapshotUnsupported(f"a probe restore failed: {error.message}") from error
+        raise
+    finally:
+        machine.stop()
+    if ram is not None and file_identity(ram)[3:] != before:
+        raise SnapshotUnsupported(
+            f"restoring wrote to the saved RAM file {ram}: copy-on-write (share=off) "
+            "does not hold with this QEMU",
+            lasting=True,
+        )
+
+
+# -- choosing and finding snapshots
+
+# Per process: definitions whose snapshot boot failed (their tests boot cold at once).
+_FAILED: dict[str, str] = {}
+
+
+def _unsupported_path(cache_root: Path, qemu: str) -> Path:
+    return cache_root / "snapshots" / f"mechanisms-{qemu[:16]}.json"
+
+
+def unsupported_mechanisms(cache_root: Path, qemu: str) -> dict[str, str]:
+    """Mechanisms found not to work with this QEMU binary, with why (kept in the cache)."""
+    try:
+        data = json.loads(_unsupported_path(cache_root, qemu).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def _mark_unsupported(cache_root: Path, qemu: str, mechanism: str, reason: str) -> None:
+    path = _unsupported_path(cache_root, qemu)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        known = unsupported_mechanisms(cache_root, qemu)
+        known[mechanism] = reason
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(json.dumps(known, indent=1) + "\n")
+        os.replace(partial, path)
+
+
+def ensure(
+    plan: Plan, *, cache_root: Path, mechanism: str = AUTO, creation: Creation
+) -> tuple[Snapshot, bool]:
+    """The snapshot for ``plan``: found in the cache, or made now. (snapshot, made now).
+
+    With ``auto``, a saved snapshot of either mechanism is used, best first; a new one is
+    made with the best mechanism that works with this QEMU.
+
+    Raises:
+        SnapshotCorrupt: a saved snapshot fails its checks (the caller discards it).
+        SnapshotError: no snapshot could be made; the reason is in the message.
+        ConfigError: ``mechanism`` is not one of :data:`MECHANISMS` or ``auto``.
+    """
+    if mechanism not in (AUTO, *MECHANISMS):
+        raise ConfigError(
+            f"snapshot mechanism {mechanism!r}: use one of {AUTO}, {', '.join(MECHANISMS)}"
+        )
+    order = MECHANISMS if mechanism == AUTO else (mechanism,)
+    for candidate in order:
+        entry = plan.entry(cache_root, candidate)
+        if entry.exists():
+            return load(entry), False
+    if plan.key in _FAILED:
+        raise SnapshotError(_FAILED[plan.key])
+    qemu = plan.key_parts["qemu"]
+    unsupported = unsupported_mechanisms(cache_root, qemu)
+    reasons: list[str] = []
+    for candidate in order:
+        if candidate in unsupported:
+            reasons.append(f"{candidate}: {unsupported[candidate]}")
+            continue
+        entry = plan.entry(cache_root, candidate)
+
+        def build(partial: Path, chosen: str = candidate) -> None:
+            create(plan, chosen, partial, creation)
+
+        try:
+            made = cache.build_once(entry, build)
+        except SnapshotUnsupported as error:
+            log.warning("snapshot mechanism %s does not work here: %s", candidate, error.message)
+            if error.lasting:
+                _mark_unsupported(cache_root, qemu, candidate, error.message)
+            reasons.append(f"{candidate}: {error.message}")
+            continue
+        except HarnessError as error:
+            message = (
+                f"the snapshot boot failed before its ready point "
+                f"({error.outcome.name}: {error.message})"
+            )
+            _FAILED[plan.key] = message
+            raise SnapshotError(message, error.evidence) from error
+        return load(entry), made
+    raise SnapshotUnsupported("no snapshot mechanism works here: " + "; ".join(reasons))
+
+
+# -- a VM that starts from a snapshot
+
+
+class SnapshotVm(Vm):
+    """A :class:`~harness.vm.boot.Vm` whose :meth:`start` resumes from a snapshot.
+
+    The snapshot is made first if the cache has none. If it cannot be made or used, the
+    test boots cold (the VM built by ``cold``), with a :class:`SnapshotWarning`;
+    ``boot_mechanism`` says which way it started and ``snapshot_note`` why it booted cold.
+    """
+
+    def __init__(
+        self,
+        plan: Plan | None,
+        workdir: Path,
+        *,
+        cache_root: Path,
+        cold: Callable[[Path], Vm],
+        mechanism: str = AUTO,
+        deadlines: Deadlines = DEFAULT_DEADLINES,
+        expected_boots: int = 1,
+        unusable: SnapshotError | None = None,
+        kernel: Kernel | None = None,
+    ) -> None:
+        self.plan = plan
+        self.workdir = workdir
+        self.cache_root = cache_root
+        self.mechanism = mechanism
+        self.expected_boots = expected_boots
+        self.boot_mechanism = "pending"
+        self.snapshot: Snapshot | None = None
+        self.snapshot_note: str | None = None
+        self.snapshot_created = False
+        self._cold = cold
+        self._unusable = unusable
+        nonce = new_nonce()
+        if plan is not None:
+            spec = machine_spec(
+                plan.kernel, plan.image, nonce="", accel=plan.accel, **plan.machine_options
+            )
+        else:
+            spec = MachineSpec(kernel=Path("/nonexistent"))
+        # Provisional until start(): the restored (or cold) machine replaces it.
+        super().__init__(
+            spec,
+            workdir / "restored",
+            nonce=nonce,
+            deadlines=deadlines,
+            expected_boots=0,
+            kernel=kernel,
+        )
+
+    def start(self) -> None:
+        """Resume the guest from its snapshot up to the test's own part; boot cold if that
+        cannot be done.
+
+        Raises:
+            InfraError, KernelFault, BootTimeout, TestFailure: from the cold boot, as
+                :meth:`Vm.start` (a restore's own failures become a cold boot).
+        """
+        if self._unusable is not None:
+            self._boot_cold(self._unusable)
+            return
+        assert self.plan is not None
+        creation = Creation(self.workdir, self.deadlines)
+        try:
+            snapshot, self.snapshot_created = ensure(
+                self.plan, cache_root=self.cache_root, mechanism=self.mechanism, creation=creation
+            )
+        except SnapshotCorrupt as error:
+            discard(error.path, error.message)
+            self._boot_cold(error)
+            return
+        except SnapshotError as error:
+            self._boot_cold(error)
+            return
+        try:
+            self._restore(snapshot)
+        except HarnessError as error:
+            console = self.machine._console  # None if QEMU never started
+            if console is not None and console.recorder.mark("RESUMED") is not None:
+                # The restore worked and the test's own part already failed (a command
+                # that panics the kernel at once): like a cold boot's failure after
+                # INIT-START, the next wait reports it (faults and exits stay recorded).
+                log.debug("failure right after the restore, left to the test: %s", error)
+                return
+            self.machine.stop()
+            discard(snapshot.path, f"restore failed: {error.message}", only=snapshot)
+            self._boot_cold(SnapshotError(f"restoring {snapshot.path} failed: {error.message}"))
+
+    def _restore(self, snapshot: Snapshot) -> None:
+        assert self.plan is not None
+        workdir = self.workdir / "restored"
+        nonce = new_nonce()
+        spec = self.plan.machine(
+            workdir,
+            ready_nonce=snapshot.ready_nonce,
+            mechanism=snapshot.mechanism,
+            ram=snapshot.ram_file,
+            share=False,
+            incoming=True,
+        )
+        self.spec = spec
+        self.nonce = nonce
+        # No banner is expected after a restore: one would be an unexpected reboot.
+        self.machine = Machine(
+            spec, workdir, nonce=nonce, expected_boots=max(self.expected_boots - 1, 0)
+        )
+        self.snapshot = snapshot
+        (workdir / "snapshot.txt").parent.mkdir(parents=True, exist_ok=True)
+        (workdir / "snapshot.txt").write_text(
+            f"restored from {snapshot.path} ({snapshot.mechanism})\n"
+            f"the boot up to the ready point: {snapshot.path / BOOT_LOG}\n"
+        )
+        self.machine.launch()
+        recorder = self.machine.console.recorder
+        incoming(self.machine, snapshot, time.monotonic() + self.deadlines.of("firmware"))
+        recorder.marks.append(Mark("restored", time.monotonic() - recorder.started))
+        self.machine.resume()
+        # Sent only now: a byte the serial port took in before the load would be lost.
+        self.machine.console.send(go_line(nonce, self.plan.rest) + rest_message(self.plan.rest))
+        self.boot_mechanism = snapshot.mechanism
+        self.expect_marker("RESUMED", phase="firmware")
+
+    def _boot_cold(self, reason: SnapshotError) -> None:
+        message = f"booting cold instead of from a snapshot: {reason.message}"
+        log.warning("%s", message)
+        warnings.warn(SnapshotWarning(message), stacklevel=3)
+        self.snapshot_note = reason.message
+        cold = self._cold(self.workdir / "cold")
+        self.spec, self.nonce, self.machine = cold.spec, cold.nonce, cold.machine
+        self.boot_mechanism = "cold"
+        Vm.start(self)
+
+
+def prepare_vm(
+    kernel: Kernel,
+    spec: InitramfsSpec,
+    *,
+    cache_root: Path,
+    workdir: Path,
+    accel: str = "tcg",
+    deadlines: Deadlines = DEFAULT_DEADLINES,
+    cmdline: str = "",
+    expected_boots: int = 1,
+    storage: Storage | None = None,
+    mechanism: str = AUTO,
+    **machine_options: Any,
+) -> SnapshotVm:
+    """Set up a VM that starts from a snapshot of its definition (see the module doc).
+
+    Takes what :func:`harness.vm.boot.prepare_vm` takes, plus the VM's disks as a
+    :class:`~harness.storage.attach.Storage` (not yet attached: every restore gets its own
+    overlays) and the mechanism (``auto``, ``shared-ram`` or ``stream``).
+
+    Raises:
+        ConfigError: bad template, module or file (see :func:`harness.image.initramfs.build`).
+    """
+
+    def cold(folder: Path) -> Vm:
+        options = dict(machine_options)
+        if storage is not None:
+            options["extra_args"] = (
+                *storage.attach(folder),
+                *machine_options.get("extra_args", ()),
+            )
+        return boot_module.prepare_vm(
+            kernel,
+            spec,
+            cache_root=cache_root,
+            workdir=folder,
+            accel=accel,
+            deadlines=deadlines,
+            cmdline=cmdline,
+            expected_boots=expected_boots,
+            **options,
+        )
+
+    plan: Plan | None = None
+    unusable: SnapshotError | None = None
+    try:
+        plan = make_plan(
+            kernel,
+            spec,
+            cache_root=cache_root,
+            accel=accel,
+            cmdline=cmdline,
+            storage=storage,
+            **machine_options,
+        )
+    except SnapshotUnsupported as error:
+        unusable = error
+    return SnapshotVm(
+        plan,
+        workdir,
+        cache_root=cache_root,
+        cold=cold,
+        mechanism=mechanism,
+        deadlines=deadlines,
+        expected_boots=expected_boots,
+        unusable=unusable,
+        kernel=kernel,
+    )

@@ -1,0 +1,215 @@
+"""Saved snapshots in the cache: the folder, its manifest, its checks, and discarding it.
+
+A snapshot folder holds the migration stream (:data:`STATE_FILE`), with the ``shared-ram``
+mechanism the guest's RAM (:data:`RAM_FILE`), and the manifest (:data:`MANIFEST`: format,
+mechanism, each file's size and digest), written last, so an entry without one is incomplete.
+Before first use in a process every file is checked against it (content digest over the
+file's data extents; after that, its size, inode and times), so a truncated or corrupt
+snapshot is found before QEMU sees it and is never half used.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from harness.snapshot.errors import SnapshotCorrupt
+
+log = logging.getLogger(__name__)
+
+FORMAT = "bootharness-snapshot-1"
+MECHANISMS = ("shared-ram", "stream")
+STATE_FILE = "state.mig"
+RAM_FILE = "ram.img"
+MANIFEST = "manifest.json"
+
+# -- digests, cached per process by file identity
+
+_DIGESTS: dict[tuple[str, int, int, int, int, int], str] = {}
+
+
+def file_identity(path: Path) -> tuple[str, int, int, int, int, int]:
+    """``path``, its device, inode, size and times: what changes when the file may have.
+
+    Raises:
+        OSError: ``path`` cannot be stat'ed.
+    """
+    st = path.stat()
+    return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+_PAGE = 4096
+_ZERO_PAGE = bytes(_PAGE)
+
+
+def content_digest(path: Path) -> str:
+    """SHA-256 of the content of ``path``: each non-zero 4 KiB page with its offset, and the size.
+
+    Guest RAM files are sparse (a 512 MiB guest touches ~100 MiB at the ready point), so
+    only the file's data extents are read and holes are skipped; zero pages count as
+    holes, so the digest depends on the content alone, not on how it is laid out on disk
+    (a sparse or a full copy digest the same). Cached per process while the file's size,
+    inode and times stay the same.
+    """
+    identity = file_identity(path)
+    known = _DIGESTS.get(identity)
+    if known is not None:
+        return known
+    hasher = hashlib.sha256()
+    with path.open("rb") as handle:
+        fd = handle.fileno()
+        size = os.fstat(fd).st_size
+        done = 0  # pages before this offset have been digested
+        while done < size:
+            try:
+                start = os.lseek(fd, done, os.SEEK_DATA)
+            except OSError as error:
+                if error.errno == errno.ENXIO:  # nothing but a hole up to the end
+                    break
+                raise
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            offset = max(done, start - start % _PAGE)
+            handle.seek(offset)
+            while offset < end:
+                chunk = handle.read(min(1 << 20, end - offset + (-end) % _PAGE))
+                if not chunk:
+                    break
+                for at in range(0, len(chunk), _PAGE):
+                    page = chunk[at : at + _PAGE]
+                    if page != _ZERO_PAGE[: len(page)]:
+                        hasher.update((offset + at).to_bytes(8, "little"))
+                        hasher.update(page)
+                offset += len(chunk)
+            done = max(offset, end)
+        hasher.update(size.to_bytes(8, "little"))
+    value = hasher.hexdigest()
+    _DIGESTS[identity] = value
+    return value
+
+
+# -- a saved snapshot
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A complete, verified snapshot in the cache."""
+
+    path: Path
+    mechanism: str
+    ready_nonce: str
+    manifest: Mapping[str, Any]
+    manifest_identity: tuple[str, int, int, int, int, int]
+
+    @property
+    def state_file(self) -> Path:
+        return self.path / STATE_FILE
+
+    @property
+    def ram_file(self) -> Path | None:
+        return self.path / RAM_FILE if self.mechanism == "shared-ram" else None
+
+    def files(self) -> list[Path]:
+        """The saved files the manifest covers."""
+        return [self.path / name for name in self.manifest["files"]]
+
+
+def load(path: Path) -> Snapshot:
+    """Read and check the snapshot at ``path`` against its manifest.
+
+    Raises:
+        SnapshotCorrupt: no manifest (incomplete), an unreadable or foreign one, or a file
+            missing, of another size, or with another digest than the manifest says.
+    """
+    manifest_path = path / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        identity = file_identity(manifest_path)
+        mechanism = str(manifest["mechanism"])
+        ready_nonce = str(manifest["ready_nonce"])
+        files = dict(manifest["files"])
+    except FileNotFoundError:
+        raise SnapshotCorrupt(
+            f"snapshot {path} has no {MANIFEST}: it is incomplete", path
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SnapshotCorrupt(f"snapshot {path}: unreadable {MANIFEST}: {error}", path) from None
+    if manifest.get("format") != FORMAT or mechanism not in MECHANISMS:
+        raise SnapshotCorrupt(
+            f"snapshot {path}: format {manifest.get('format')!r} / mechanism {mechanism!r} "
+            f"is not {FORMAT} with one of {', '.join(MECHANISMS)}",
+            path,
+        )
+    for name, expected in files.items():
+        file = path / name
+        try:
+            size = file.stat().st_size
+        except OSError as error:
+            raise SnapshotCorrupt(f"snapshot file {file} is missing: {error}", path) from None
+        if size != expected["size"]:
+            raise SnapshotCorrupt(
+                f"snapshot file {file} has {size} bytes, its manifest says {expected['size']}: "
+                "truncated or overwritten",
+                path,
+            )
+        if content_digest(file) != expected["digest"]:
+            raise SnapshotCorrupt(
+                f"snapshot file {file} does not match its manifest's digest", path
+            )
+    return Snapshot(path, mechanism, ready_nonce, manifest, identity)
+
+
+def discard(path: Path, reason: str, *, only: Snapshot | None = None) -> bool:
+    """Remove the snapshot at ``path`` from the cache (under its build lock).
+
+    With ``only``, remove it only if it is still that snapshot: another worker may have
+    discarded and rebuilt it meanwhile. A QEMU still restoring from it keeps its open
+    files. Returns True if something was removed.
+    """
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            return False
+        if only is not None:
+            try:
+                if file_identity(path / MANIFEST) != only.manifest_identity:
+                    return False
+            except OSError:
+                pass  # no manifest any more: not a usable snapshot either way
+        # Rename first: the entry disappears at once, and nothing is left half-removed.
+        trash = path.parent / f".discarded-{path.name}-{uuid.uuid4().hex[:8]}"
+        os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+    log.warning("discarded snapshot %s: %s", path, reason)
+    return True
+
+
+def write_manifest(
+    target: Path, files: list[str], *, mechanism: str, ready_nonce: str, **details: Any
+) -> None:
+    """Write ``target``'s manifest (each file's size and digest), atomically and last:
+    a snapshot folder without one is incomplete."""
+    manifest = {
+        **details,
+        "format": FORMAT,
+        "mechanism": mechanism,
+        "ready_nonce": ready_nonce,
+        "created": time.time(),
+        "files": {
+            name: {"size": (target / name).stat().st_size, "digest": content_digest(target / name)}
+            for name in files
+        },
+    }
+    partial = target / (MANIFEST + ".partial")
+    partial.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    os.replace(partial, target / MANIFEST)

@@ -1,0 +1,13 @@
+"""One boot: a QEMU process, its console and QMP, fault detection, deadlines, and the guest drivers.
+
+- :mod:`~harness.vm.machine`: one QEMU process (``MachineSpec`` -> argv; launch; certain end).
+- :mod:`~harness.vm.console` and :mod:`~harness.vm.qmp`: the serial console (pexpect) and QMP.
+- :mod:`~harness.vm.faults`: kernel faults from console text, a table kept as data.
+- :mod:`~harness.vm.deadlines`, :mod:`~harness.vm.accel`, :mod:`~harness.vm.loadscale`.
+- :mod:`~harness.vm.boot`: ``Vm`` drives a boot through its phases to one outcome.
+- Guest drivers, written against the :class:`~harness.vm.guest.Guest` protocol:
+  :mod:`~harness.vm.shell`, :mod:`~harness.vm.power`, :mod:`~harness.vm.exitcode`,
+  :mod:`~harness.vm.state`, :mod:`~harness.vm.hotplug`, :mod:`~harness.vm.blockview`.
+
+May import the foundation, :mod:`harness.kernel`, :mod:`harness.image`, :mod:`harness.storage`.
+"""

@@ -1,0 +1,350 @@
+"""One boot, from a provisioned kernel and a built initramfs to an outcome with its evidence.
+
+:class:`Vm` drives a :class:`~harness.vm.machine.Machine` through the boot's phases, each with
+its own deadline (scaled by one multiplier for slow machines), and records when each point of
+progress was reached. :func:`run` maps whatever happened to exactly one
+:class:`~harness.outcome.Outcome` following DESIGN.md: a kernel fault wins over everything,
+QEMU's exit status is never a verdict, and success is the nonce marker only this boot can print.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import secrets
+import subprocess
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from harness import tools
+from harness.image.initramfs import Initramfs, InitramfsSpec
+from harness.image.initramfs import build as build_initramfs
+from harness.kernel.provision import Kernel
+from harness.outcome import (
+    Evidence,
+    HarnessError,
+    Outcome,
+    TestFailure,
+)
+from harness.storage.attach import Storage
+from harness.vm import exitcode, power
+from harness.vm.console import Console, ConsoleClosed, Mark, marker_regex
+from harness.vm.deadlines import DEFAULT_DEADLINES, Deadlines
+from harness.vm.machine import Machine, MachineSpec
+from harness.vm.qmp import Qmp, QmpEvent
+from harness.vm.shell import GuestShell
+from harness.vm.state import VmState
+
+log = logging.getLogger(__name__)
+
+# Always on: serial console, printk timestamps (fault patterns anchor on them), reboot on
+# panic at once (with -no-reboot QEMU then exits), and no crypto self-tests (0.4 s under TCG).
+BASE_CMDLINE = "console=ttyS0 printk.time=1 panic=-1 cryptomgr.notests"
+NONCE_PARAMETER = "bootharness.nonce"
+
+
+def new_nonce() -> str:
+    """A fresh marker nonce: 16 hex digits nothing else on the console can guess."""
+    return secrets.token_hex(8)
+
+
+@functools.cache
+def qemu_version(qemu: str = "qemu-system-x86_64") -> str:
+    """QEMU's version string, e.g. ``7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)``."""
+    out = subprocess.run(
+        [tools.require(qemu), "--version"], capture_output=True, text=True, check=False
+    ).stdout
+    match = re.search(r"version (.+)", out)
+    return match.group(1).strip() if match else "unknown"
+
+
+def harness_modules(kernel: Kernel) -> tuple[str, ...]:
+    """Modules every initramfs gets: the pvpanic driver, so a panic reaches QMP as an event."""
+    if kernel.config.get("CONFIG_PVPANIC_MMIO") == "m":
+        return ("pvpanic_mmio",)
+    return ()
+
+
+def with_harness_modules(kernel: Kernel, spec: InitramfsSpec) -> InitramfsSpec:
+    """``spec`` with :func:`harness_modules` loaded first: the image :func:`prepare_vm` boots."""
+    modules = tuple(dict.fromkeys((*harness_modules(kernel), *spec.modules)))
+    return replace(spec, modules=modules)
+
+
+def prepare_vm(
+    kernel: Kernel,
+    spec: InitramfsSpec,
+    *,
+    cache_root: Path,
+    workdir: Path,
+    accel: str = "tcg",
+    deadlines: Deadlines = DEFAULT_DEADLINES,
+    cmdline: str = "",
+    expected_boots: int = 1,
+    **machine_options: Any,
+) -> Vm:
+    """Build the initramfs (or take it from the cache) and set up a VM to boot it.
+
+    Raises:
+        ConfigError: bad template, module or file (see :func:`harness.image.initramfs.build`).
+    """
+    image = build_initramfs(kernel, with_harness_modules(kernel, spec), cache_root)
+    nonce = new_nonce()
+    machine = machine_spec(
+        kernel, image, nonce=nonce, accel=accel, cmdline=cmdline, **machine_options
+    )
+    (workdir).mkdir(parents=True, exist_ok=True)
+    (workdir / "init.sh").write_text(image.init_script)
+    return Vm(
+        machine,
+        workdir,
+        nonce=nonce,
+        deadlines=deadlines,
+        expected_boots=expected_boots,
+        kernel=kernel,
+    )
+
+
+def machine_spec(
+    kernel: Kernel,
+    initramfs: Initramfs | Path | None,
+    *,
+    nonce: str,
+    accel: str = "tcg",
+    cmdline: str = "",
+    prefer_vmlinux: bool = True,
+    **options: Any,
+) -> MachineSpec:
+    """The fast-defaults machine for ``kernel``: vmlinux through PVH when it has the entry."""
+    image = (kernel.vmlinux() if prefer_vmlinux else None) or kernel.vmlinuz
+    initrd = initramfs.path if isinstance(initramfs, Initramfs) else initramfs
+    words = [BASE_CMDLINE, f"{NONCE_PARAMETER}={nonce}", kernel.cmdline, cmdline]
+    full_cmdline = " ".join(w for w in words if w)
+    return MachineSpec(kernel=image, initrd=initrd, cmdline=full_cmdline, accel=accel, **options)
+
+
+@dataclass
+class BootResult:
+    """What one boot did, for reports, junit properties and bisect logs."""
+
+    kernel: str
+    release: str
+    accel: str
+    outcome: Outcome
+    message: str
+    marks: list[Mark] = field(default_factory=list)
+    log_path: Path | None = None
+    qemu_version: str = ""
+    error: HarnessError | None = None
+
+    @property
+    def boot_time(self) -> float | None:
+        """Seconds from QEMU's start to the success marker, when it came."""
+        mark = next((m for m in self.marks if m.name == "PASS"), None)
+        return mark.at if mark else None
+
+    def render(self) -> str:
+        """A boot report a person reads at a glance."""
+        lines = [
+            f"kernel:   {self.kernel} ({self.release})",
+            f"qemu:     {self.qemu_version}, accel {self.accel}",
+            "phases:",
+        ]
+        lines += [
+            f"  {m.at:8.3f} s  {m.name}{'  ' + m.detail if m.detail else ''}" for m in self.marks
+        ]
+        lines.append(
+            f"outcome:  {self.outcome.name}" + (f": {self.message}" if self.message else "")
+        )
+        if self.log_path is not None:
+            lines.append(f"console:  {self.log_path}")
+        if self.error is not None and self.outcome is not Outcome.PASS:
+            details = self.error.evidence.render()
+            if details:
+                lines.append(details)
+        return "\n".join(lines)
+
+
+class Vm:
+    """A guest being booted: its machine, its nonce and its deadlines."""
+
+    def __init__(
+        self,
+        spec: MachineSpec,
+        workdir: Path,
+        *,
+        nonce: str,
+        deadlines: Deadlines = DEFAULT_DEADLINES,
+        expected_boots: int = 1,
+        kernel: Kernel | None = None,
+    ) -> None:
+        self.spec = spec
+        self.kernel = kernel  # what it boots, for reports (None for a hand-made spec)
+        self.storage: Storage | None = None  # the disks attached, when the test gave some
+        self.load_factor = 1.0  # how much the machine's load stretched the deadlines
+        self.boot_mechanism = "cold"  # or how a snapshot restored it (harness.snapshot.restore)
+        self.nonce = nonce
+        self.deadlines = deadlines
+        self.machine = Machine(spec, workdir, nonce=nonce, expected_boots=expected_boots)
+        self._guest_shell: GuestShell | None = None
+
+    @property
+    def console(self) -> Console:
+        return self.machine.console
+
+    @property
+    def qmp(self) -> Qmp:
+        return self.machine.qmp
+
+    @property
+    def marks(self) -> list[Mark]:
+        started = [Mark("qemu-started", 0.0)]
+        if not self.machine.launched:
+            return started
+        return started + self.machine.console.recorder.marks
+
+    def start(self) -> None:
+        """Launch QEMU and let the guest run; wait for the kernel to start /init.
+
+        Raises:
+            InfraError, KernelFault, BootTimeout, TestFailure: see :func:`run`.
+        """
+        self.machine.launch()
+        self.machine.resume()
+        self._expect(re.compile(r"[\s\S]"), "firmware")
+        self.expect_marker("INIT-START", phase="kernel")
+
+    def expect_marker(
+        self, *events: str, phase: str, timeout: float | None = None
+    ) -> tuple[str, str]:
+        """Wait for one of our markers; returns (event, detail).
+
+        A FAIL or RESCUE marker from the init ends the wait with TestFailure carrying
+        the init's reason, whatever was awaited.
+        """
+        wanted = (*events, "FAIL", "RESCUE")
+        match = self._expect(marker_regex(self.nonce, *wanted), phase, timeout)
+        event, detail = match.group("event"), match.group("detail") or ""
+        if event in ("FAIL", "RESCUE") and event not in events:
+            raise TestFailure(f"the init failed: {detail}", self.evidence(phase))
+        return event, detail
+
+    def expect_pass(self) -> None:
+        """Wait for the init's success marker."""
+        self.expect_marker("PASS", phase="init")
+
+    def wait_shutdown(self) -> int | None:
+        """Wait for the guest to power off; QEMU's exit status (never a verdict)."""
+        closed = self.machine.console.drain(self.deadlines.of("shutdown"))
+        # A fault printed while shutting down still counts.
+        self.machine.console.recorder.scanner.flush()
+        self.check_faults("shutdown")
+        if not closed:
+            return None
+        status = self.machine.wait(self.deadlines.of("shutdown"))
+        recorder = self.machine.console.recorder
+        recorder.marks.append(Mark("shutdown", time.monotonic() - recorder.started))
+        return status
+
+    def check_faults(self, phase: str) -> None:
+        """Raise KernelFault if the console or QMP has shown one so far."""
+        self.machine.console.check_faults(phase, self.deadlines.of(phase))
+
+    def _expect(
+        self, pattern: re.Pattern[str], phase: str, timeout: float | None = None
+    ) -> re.Match[str]:
+        limit = self.deadlines.of(phase) if timeout is None else timeout
+        try:
+            return self.machine.console.expect(pattern, phase=phase, timeout=limit)
+        except ConsoleClosed:
+            raise self._closed_error(phase) from None
+
+    def _closed_error(self, phase: str) -> HarnessError:
+        status = self.machine.wait(5.0)
+        if status is None or status != 0:
+            return self.machine.exited_error(f"exited during the {phase} phase")
+        return TestFailure(
+            f"the guest stopped during the {phase} phase before its marker "
+            "(QEMU exited 0: power-off or reset without a kernel fault)",
+            self.evidence(phase),
+        )
+
+    def evidence(self, phase: str) -> Evidence:
+        """The boot's evidence for an error raised in ``phase``."""
+        recorder = self.machine.console.recorder
+        return Evidence(
+            phase=phase,
+            console_tail=recorder.tail(),
+            log_path=self.machine.console_log,
+            argv=self.machine.argv,
+            stderr=self.machine.stderr_text(),
+        )
+
+    # Driving the guest (harness/shell.py, vmstate.py, power.py, exitcode.py): thin entry
+    # points, so tests write vm.shell().run(...) and vm.reset(); the modules say what raises.
+
+    def shell(self, **options: Any) -> GuestShell:
+        """The guest shell (init run with ``after="shell"``), attached on first use."""
+        current = self._guest_shell
+        if current is None or options:
+            current = GuestShell(self, **options)
+            self._guest_shell = current
+        return current
+
+    @property
+    def state(self) -> VmState:
+        """Typed QMP queries and commands (run state, block and PCI devices, stop/cont)."""
+        return VmState(self.qmp)
+
+    def reset(self, timeout: float | None = None) -> QmpEvent:
+        """Reset on purpose and wait for the new boot's INIT-START (see harness.vm.power.reset)."""
+        return power.reset(self, timeout)
+
+    def power_button(self, timeout: float | None = None) -> QmpEvent:
+        """Press the ACPI power button, wait for the guest to power off; the SHUTDOWN event."""
+        return power.press_power_button(self, timeout)
+
+    def wait_exit_code(self, *, timeout: float | None = None, check: bool = True) -> int:
+        """The guest's isa-debug-exit code (see harness.vm.exitcode.wait_exit_code)."""
+        return exitcode.wait_exit_code(self, timeout=timeout, check=check)
+
+    def stop(self) -> None:
+        self.machine.stop()
+
+    def __enter__(self) -> Vm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def run(vm: Vm, *, kernel: Kernel, accel: str, wait_shutdown: bool = True) -> BootResult:
+    """Boot ``vm`` to its success marker and map what happened to one outcome.
+
+    Unknown exceptions are harness bugs: they propagate, QEMU is still stopped.
+    """
+    error: HarnessError | None = None
+    with vm:
+        try:
+            vm.start()
+            vm.expect_pass()
+            if wait_shutdown:
+                vm.wait_shutdown()
+        except HarnessError as failure:
+            error = failure
+    marks = vm.marks
+    outcome = Outcome.PASS if error is None else error.outcome
+    return BootResult(
+        kernel=kernel.name,
+        release=kernel.release,
+        accel=accel,
+        outcome=outcome,
+        message="" if error is None else error.message,
+        marks=marks,
+        log_path=vm.machine.console_log,
+        qemu_version=qemu_version(vm.spec.qemu),
+        error=error,
+    )

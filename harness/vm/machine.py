@@ -1,0 +1,338 @@
+"""One QEMU process: its command line, its start, and its certain end.
+
+QEMU starts paused (``-S``). QMP and the serial console are socket pairs created before
+QEMU starts and handed to it by file descriptor, so there is no socket path to wait for, no
+path-length limit, and nothing can connect to them but us; the console is attached before
+the guest runs its first instruction, so no early output can be lost.
+
+No QEMU may outlive the harness: QEMU runs in a session (process group) of its own, gets
+SIGKILL from the kernel when the harness dies (``PR_SET_PDEATHSIG``, even on SIGKILL of
+pytest), and :meth:`Machine.stop` escalates QMP quit -> SIGTERM -> SIGKILL, each bounded.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness import tools
+from harness.outcome import Evidence, InfraError
+from harness.vm.console import Console, ConsoleRecorder
+from harness.vm.qmp import Qmp, QmpError
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+QMP_CONNECT_TIMEOUT = 10.0
+QUIT_GRACE = 2.0
+TERM_GRACE = 2.0
+KILL_GRACE = 5.0
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """What to boot and on which virtual hardware. Pure data; :meth:`argv` renders it."""
+
+    kernel: Path
+    initrd: Path | None = None
+    cmdline: str = ""
+    accel: str = "tcg"
+    machine: str = "pc"
+    memory_mb: int = 512
+    cpus: int = 1
+    nodefaults: bool = True
+    pvpanic: bool = True
+    network: bool = False
+    devices: Sequence[str] = ()  # -device arguments
+    extra_args: Sequence[str] = ()  # anything else, appended verbatim
+    qemu: str = "qemu-system-x86_64"
+
+    def argv(self, *, qmp_fd: int, console_fd: int, console_log: Path) -> list[str]:
+        """The full QEMU command line, with the QMP and console descriptors given."""
+        argv = [
+            self.qemu,
+            "-S",
+            "-no-user-config",
+            "-name",
+            "bootharness",
+            "-machine",
+            self.machine,
+            "-accel",
+            self.accel,
+            "-m",
+            str(self.memory_mb),
+            "-smp",
+            str(self.cpus),
+            "-display",
+            "none",
+            "-no-reboot",
+        ]
+        if self.nodefaults:
+            argv.append("-nodefaults")
+        argv += [
+            "-chardev",
+            f"socket,id=qmp0,fd={qmp_fd}",
+            "-mon",
+            "chardev=qmp0,mode=control",
+            "-chardev",
+            f"socket,id=ser0,fd={console_fd},logfile={console_log},logappend=off",
+            "-serial",
+            "chardev:ser0",
+        ]
+        if self.pvpanic:
+            argv += ["-device", "pvpanic"]
+        if self.network:
+            argv += ["-nic", "user,model=virtio-net-pci"]
+        elif not self.nodefaults:
+            argv += ["-nic", "none"]
+        argv += ["-kernel", str(self.kernel)]
+        if self.initrd is not None:
+            argv += ["-initrd", str(self.initrd)]
+        if self.cmdline:
+            argv += ["-append", self.cmdline]
+        for device in self.devices:
+            argv += ["-device", device]
+        argv += list(self.extra_args)
+        return argv
+
+
+def _die_with_parent(parent: int) -> None:
+    """Runs in the child before exec: SIGKILL QEMU when the harness process dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+_LIVE: weakref.WeakSet[Machine] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for machine in list(_LIVE):
+        machine.kill()
+
+
+class Machine:
+    """Owns one QEMU process and its QMP and console connections.
+
+    A context manager: every exit path ends QEMU (QMP quit, then SIGTERM, then SIGKILL).
+    """
+
+    def __init__(self, spec: MachineSpec, workdir: Path, *, nonce: str, expected_boots: int = 1):
+        self.spec = spec
+        self.workdir = workdir
+        self.nonce = nonce
+        self.expected_boots = expected_boots
+        self.argv: list[str] = []
+        self.started = 0.0
+        self.process: subprocess.Popen[bytes] | None = None
+        self._qmp: Qmp | None = None
+        self._console: Console | None = None
+        self.exit_status: int | None = None
+
+    @property
+    def console_log(self) -> Path:
+        return self.workdir / "console.log"
+
+    @property
+    def qmp_log(self) -> Path:
+        return self.workdir / "qmp-events.jsonl"
+
+    @property
+    def stderr_path(self) -> Path:
+        return self.workdir / "qemu.stderr"
+
+    @property
+    def qmp(self) -> Qmp:
+        assert self._qmp is not None, "machine not launched"
+        return self._qmp
+
+    @property
+    def console(self) -> Console:
+        assert self._console is not None, "machine not launched"
+        return self._console
+
+    @property
+    def launched(self) -> bool:
+        """True once QEMU was started (the console and QMP exist)."""
+        return self._console is not None
+
+    def announce_boot(self) -> None:
+        """One more kernel banner is expected (a reset on purpose): the fault scanner then
+        does not call it an unexpected reboot, and a bundle records the count."""
+        self.expected_boots += 1
+        if self._console is not None:
+            self._console.recorder.scanner.expected_boots += 1
+
+    def launch(self) -> None:
+        """Start QEMU paused and connect QMP and the console; the guest does not run yet.
+
+        Raises:
+            MissingToolError: QEMU is not installed.
+            InfraError: QEMU exited at once (bad option, missing file), with its stderr,
+                or QMP did not come up.
+        """
+        qemu = tools.require(self.spec.qemu)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        qmp_ours, qmp_theirs = socket.socketpair()
+        console_ours, console_theirs = socket.socketpair()
+        argv = self.spec.argv(
+            qmp_fd=qmp_theirs.fileno(),
+            console_fd=console_theirs.fileno(),
+            console_log=self.console_log,
+        )
+        argv[0] = qemu
+        self.argv = argv
+        parent = os.getpid()
+        log.info("starting %s", " ".join(argv))
+        with self.stderr_path.open("wb") as stderr:
+            self.started = time.monotonic()
+            try:
+                self.process = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=stderr,
+                    stderr=stderr,
+                    pass_fds=(qmp_theirs.fileno(), console_theirs.fileno()),
+                    start_new_session=True,
+                    preexec_fn=lambda: _die_with_parent(parent),
+                    cwd=self.workdir,
+                )
+            finally:
+                qmp_theirs.close()
+                console_theirs.close()
+        _LIVE.add(self)
+        (self.workdir / "qemu.pid").write_text(f"{self.process.pid}\n")
+        (self.workdir / "qemu.argv").write_text("\n".join(argv) + "\n")
+        recorder = ConsoleRecorder(self.started, self.nonce, self.expected_boots)
+        self._console = Console(
+            console_ours,
+            recorder,
+            log_path=self.console_log,
+            external_fault=self._qmp_panic,
+            evidence=self.evidence,
+        )
+        try:
+            self._qmp = Qmp(qmp_ours, timeout=QMP_CONNECT_TIMEOUT, log_path=self.qmp_log)
+        except QmpError as error:
+            # A QEMU that rejects its options closes the QMP socket as it exits.
+            died = self.wait(1.0) is not None
+            failure = self.exited_error("did not start") if died else error
+            self.stop()
+            raise failure from error
+
+    def resume(self) -> None:
+        """Let the guest run (QEMU was started paused)."""
+        try:
+            self.qmp.command("cont")
+        except QmpError:
+            if self.wait(0.5) is not None:
+                raise self.exited_error("exited before the guest could run") from None
+            raise
+
+    def _qmp_panic(self) -> str | None:
+        if self._qmp is None:
+            return None
+        event = self._qmp.find_event(["GUEST_PANICKED", "SHUTDOWN"])
+        if event is None:
+            return None
+        if event.name == "SHUTDOWN" and event.data.get("reason") != "guest-panic":
+            return None
+        return f"{event.name} {event.data}"
+
+    def evidence(self, **extra: str) -> Evidence:
+        """What QEMU was asked to do and what it said."""
+        return Evidence(
+            argv=self.argv,
+            stderr=self.stderr_text(),
+            log_path=self.console_log,
+            extra=dict(extra),
+        )
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, "machine not launched"
+        return self.process.pid
+
+    def poll(self) -> int | None:
+        """QEMU's exit status, or None while it runs."""
+        return None if self.process is None else self.process.poll()
+
+    def wait(self, timeout: float) -> int | None:
+        """Wait up to ``timeout`` s for QEMU to exit; its status, or None if it still runs."""
+        if self.process is None:
+            return None
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stderr_text(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def exited_error(self, what: str) -> InfraError:
+        """An INFRA_ERROR for a QEMU that died, carrying its own message."""
+        status = self.poll()
+        stderr = self.stderr_text().strip()
+        last = stderr.splitlines()[-1] if stderr else "(no message on stderr)"
+        return InfraError(f"QEMU {what} (exit status {status}): {last}", self.evidence())
+
+    def stop(self) -> int | None:
+        """End QEMU: QMP quit, then SIGTERM to its process group, then SIGKILL; each bounded.
+
+        Returns QEMU's exit status. Safe to call more than once.
+        """
+        if self.process is None:
+            return None
+        if self.process.poll() is None and self._qmp is not None:
+            try:
+                self._qmp.command("quit", timeout=QUIT_GRACE)
+            except QmpError as error:  # QEMU may be wedged or already gone
+                log.debug("QMP quit: %s", error)
+            self.wait(QUIT_GRACE)
+        if self.process.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            if self.wait(TERM_GRACE) is None:
+                log.warning("QEMU %d ignored SIGTERM for %.0f s; killing it", self.pid, TERM_GRACE)
+        self.kill()
+        return self.exit_status
+
+    def kill(self) -> None:
+        """SIGKILL QEMU's whole process group and reap it; close our ends."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self._signal_group(signal.SIGKILL)
+        self.exit_status = self.wait(KILL_GRACE)
+        if self._qmp is not None:
+            self._qmp.close()
+        if self._console is not None:
+            self._console.close()
+        _LIVE.discard(self)
+
+    def _signal_group(self, signum: int) -> None:
+        assert self.process is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signum)
+
+    def __enter__(self) -> Machine:
+        self.launch()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
