@@ -30,9 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def time_harness(kernel: kernels.Kernel, workdir: Path) -> tuple[float, Path, str]:
-    vm = boot.prepare_vm(
-        kernel, InitramfsSpec(), cache_root=cache.cache_root(), workdir=workdir, accel="tcg"
-    )
+    request = boot.BootRequest(kernel, InitramfsSpec(), accel="tcg")
+    vm = boot.prepare_vm(request, cache_root=cache.cache_root(), workdir=workdir)
     with vm:
         started = time.monotonic()
         vm.start()

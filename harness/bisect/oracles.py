@@ -96,14 +96,11 @@ class BootOracle:
         if self.verdicts is not None and (hit := self.verdicts.get(key)) is not None:
             return Observation(hit.outcome, hit.log_path, hit.message, cached=True)
         started = time.monotonic()
+        request = boot.BootRequest(
+            kernel, self.spec, accel=self.accel, deadlines=self.deadlines, cmdline=self.cmdline
+        )
         vm = boot.prepare_vm(
-            kernel,
-            self.spec,
-            cache_root=self.cache_root,
-            workdir=_Workdirs(self.workdir).new(name),
-            accel=self.accel,
-            deadlines=self.deadlines,
-            cmdline=self.cmdline,
+            request, cache_root=self.cache_root, workdir=_Workdirs(self.workdir).new(name)
         )
         result = boot.run(vm, kernel=kernel, accel=self.accel)
         if self.verdicts is not None:

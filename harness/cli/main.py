@@ -179,14 +179,11 @@ def cmd_boot(args: argparse.Namespace) -> int:
         print(f"bootharness: using {choice.name}: {choice.reason}", file=sys.stderr)
     deadlines = Deadlines.from_options(args.boot_timeout, args.timeout_multiplier)
     spec = initramfs_spec(args, after="shell" if args.shell else None)
+    request = boot.BootRequest(
+        kernel, spec, accel=choice.name, deadlines=deadlines, cmdline=args.cmdline
+    )
     vm = boot.prepare_vm(
-        kernel,
-        spec,
-        cache_root=root,
-        workdir=args.workdir or new_run_dir(root, kernel.name),
-        accel=choice.name,
-        deadlines=deadlines,
-        cmdline=args.cmdline,
+        request, cache_root=root, workdir=args.workdir or new_run_dir(root, kernel.name)
     )
     if args.shell:
         with vm:

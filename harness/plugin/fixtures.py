@@ -26,7 +26,7 @@ from harness.snapshot import restore as snapshots
 from harness.storage import attach as storage
 from harness.storage.controllers import Disk
 from harness.vm import accel, loadscale
-from harness.vm.boot import Vm, prepare_vm
+from harness.vm.boot import BootRequest, Vm, prepare_vm
 from harness.vm.deadlines import Deadlines
 from harness.vm.shell import GuestShell
 
@@ -203,8 +203,6 @@ def boot(
     ) -> Vm:
         vm_dir = bootharness_workdir / f"vm{len(vms)}"
         disk_setup = None
-        # Snapshots (harness/snapshot.py): every restore attaches its own disk overlays.
-        mode = _snapshot_mode(request, settings, snapshot)
         if disks:
             # Controllers' drivers (and the root's file system) join the initramfs by
             # themselves; a kernel without them skips the test with the reason.
@@ -215,45 +213,31 @@ def boot(
             if lacking is not None:
                 pytest.skip(lacking)
             modules = (*disk_setup.modules, *modules)
-            extra = list(machine_options.get("extra_args", ()))
-            if mode == "off":
-                machine_options["extra_args"] = (*disk_setup.attach(vm_dir), *extra)
-        spec = _spec(template, variables, modules, files)
         chosen = deadlines or settings.deadlines
         if deadlines is not None and settings.deadlines.multiplier != 1.0:
             chosen = deadlines.scaled(settings.deadlines.multiplier)
         # A loaded machine (xdist, a shared runner) slows the guest, not the deadline: stretch
         # the run's deadlines by the load at start. A test's own Deadlines are its measure.
         load = _load_factor(request) if deadlines is None else 1.0
-        chosen = chosen.scaled(load) if load != 1.0 else chosen
+        boot_request = BootRequest(
+            kernel=kernel,
+            initramfs=_spec(template, variables, modules, files),
+            accel=bootharness_accel.name,
+            deadlines=chosen.scaled(load) if load != 1.0 else chosen,
+            cmdline=cmdline,
+            expected_boots=expected_boots,
+            storage=disk_setup,
+            load_factor=load,
+            machine_options=machine_options,
+        )
+        # Snapshots (harness/snapshot/restore.py): every restore attaches its own overlays.
+        mode = _snapshot_mode(request, settings, snapshot)
         if mode != "off":
-            vm: Vm = snapshots.prepare_vm(
-                kernel,
-                spec,
-                cache_root=settings.cache_dir,
-                workdir=vm_dir,
-                accel=bootharness_accel.name,
-                deadlines=chosen,
-                cmdline=cmdline,
-                expected_boots=expected_boots,
-                storage=disk_setup,
-                mechanism=mode,
-                **machine_options,
+            vm = snapshots.prepare_vm(
+                boot_request, cache_root=settings.cache_dir, workdir=vm_dir, mechanism=mode
             )
         else:
-            vm = prepare_vm(
-                kernel,
-                spec,
-                cache_root=settings.cache_dir,
-                workdir=vm_dir,
-                accel=bootharness_accel.name,
-                deadlines=chosen,
-                cmdline=cmdline,
-                expected_boots=expected_boots,
-                **machine_options,
-            )
-        vm.storage = disk_setup
-        vm.load_factor = load
+            vm = prepare_vm(boot_request, cache_root=settings.cache_dir, workdir=vm_dir)
         vms.append(vm)
         if start:
             vm.start()

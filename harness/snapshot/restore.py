@@ -60,16 +60,12 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from filelock import FileLock
 
 from harness import cache
-from harness.image.initramfs import InitramfsSpec
-from harness.kernel.provision import Kernel
 from harness.outcome import ConfigError, HarnessError, InfraError
 from harness.snapshot.errors import (
     SnapshotCorrupt,
@@ -89,12 +85,18 @@ from harness.snapshot.store import (
     load,
     write_manifest,
 )
-from harness.storage.attach import Storage
-from harness.vm import boot as boot_module
-from harness.vm.boot import Vm, machine_spec, new_nonce, qemu_version
+from harness.vm.boot import (
+    BootRequest,
+    Vm,
+    cold_machine,
+    machine_spec,
+    new_nonce,
+    qemu_version,
+    vm_for,
+)
 from harness.vm.console import Mark
 from harness.vm.deadlines import Deadlines
-from harness.vm.machine import Machine, MachineSpec
+from harness.vm.machine import Machine
 
 log = logging.getLogger(__name__)
 
@@ -300,98 +302,75 @@ def ensure(
 # -- a VM that starts from a snapshot
 
 
-class SnapshotVm(Vm):
-    """A :class:`~harness.vm.boot.Vm` whose :meth:`start` resumes from a snapshot.
+class SnapshotStart:
+    """A VM's :class:`~harness.vm.boot.StartPlan`: resume from a snapshot, else boot cold.
 
     The snapshot is made first if the cache has none. If it cannot be made or used, the
-    test boots cold (the VM built by ``cold``), with a :class:`SnapshotWarning`;
-    ``boot_mechanism`` says which way it started and ``snapshot_note`` why it booted cold.
+    test boots cold (from the request), with a :class:`SnapshotWarning`; the VM's
+    ``boot_mechanism`` says which way it started and :attr:`note` why it booted cold.
     """
 
     def __init__(
         self,
+        request: BootRequest,
         plan: Plan | None,
         workdir: Path,
         *,
         cache_root: Path,
-        cold: Callable[[Path], Vm],
         mechanism: str = AUTO,
-        deadlines: Deadlines = DEFAULT_DEADLINES,
-        expected_boots: int = 1,
         unusable: SnapshotError | None = None,
-        kernel: Kernel | None = None,
     ) -> None:
+        self.request = request
         self.plan = plan
         self.workdir = workdir
         self.cache_root = cache_root
         self.mechanism = mechanism
-        self.expected_boots = expected_boots
-        self.boot_mechanism = "pending"
         self.snapshot: Snapshot | None = None
-        self.snapshot_note: str | None = None
-        self.snapshot_created = False
-        self._cold = cold
+        self.note: str | None = None  # why the VM booted cold, when it did
+        self.created = False  # this start made the snapshot
         self._unusable = unusable
-        nonce = new_nonce()
-        if plan is not None:
-            spec = machine_spec(
-                plan.kernel, plan.image, nonce="", accel=plan.accel, **plan.machine_options
-            )
-        else:
-            spec = MachineSpec(kernel=Path("/nonexistent"))
-        # Provisional until start(): the restored (or cold) machine replaces it.
-        super().__init__(
-            spec,
-            workdir / "restored",
-            nonce=nonce,
-            deadlines=deadlines,
-            expected_boots=0,
-            kernel=kernel,
-        )
 
-    def start(self) -> None:
-        """Resume the guest from its snapshot up to the test's own part; boot cold if that
-        cannot be done.
+    def start(self, vm: Vm) -> None:
+        """Resume ``vm``'s guest from its snapshot up to the test's own part; boot cold if
+        that cannot be done.
 
         Raises:
             InfraError, KernelFault, BootTimeout, TestFailure: from the cold boot, as
                 :meth:`Vm.start` (a restore's own failures become a cold boot).
         """
-        if self._unusable is not None:
-            self._boot_cold(self._unusable)
+        if self._unusable is not None or self.plan is None:
+            self._boot_cold(vm, self._unusable or SnapshotError("no snapshot plan"))
             return
-        assert self.plan is not None
-        creation = Creation(self.workdir, self.deadlines)
+        creation = Creation(self.workdir, vm.deadlines)
         try:
-            snapshot, self.snapshot_created = ensure(
+            snapshot, self.created = ensure(
                 self.plan, cache_root=self.cache_root, mechanism=self.mechanism, creation=creation
             )
         except SnapshotCorrupt as error:
             discard(error.path, error.message)
-            self._boot_cold(error)
+            self._boot_cold(vm, error)
             return
         except SnapshotError as error:
-            self._boot_cold(error)
+            self._boot_cold(vm, error)
             return
         try:
-            self._restore(snapshot)
+            self._restore(vm, self.plan, snapshot)
         except HarnessError as error:
-            console = self.machine._console  # None if QEMU never started
-            if console is not None and console.recorder.mark("RESUMED") is not None:
+            machine = vm.machine
+            if machine.launched and machine.console.recorder.mark("RESUMED") is not None:
                 # The restore worked and the test's own part already failed (a command
                 # that panics the kernel at once): like a cold boot's failure after
                 # INIT-START, the next wait reports it (faults and exits stay recorded).
                 log.debug("failure right after the restore, left to the test: %s", error)
                 return
-            self.machine.stop()
+            machine.stop()
             discard(snapshot.path, f"restore failed: {error.message}", only=snapshot)
-            self._boot_cold(SnapshotError(f"restoring {snapshot.path} failed: {error.message}"))
+            self._boot_cold(vm, SnapshotError(f"restoring {snapshot.path} failed: {error.message}"))
 
-    def _restore(self, snapshot: Snapshot) -> None:
-        assert self.plan is not None
+    def _restore(self, vm: Vm, plan: Plan, snapshot: Snapshot) -> None:
         workdir = self.workdir / "restored"
         nonce = new_nonce()
-        spec = self.plan.machine(
+        spec = plan.machine(
             workdir,
             ready_nonce=snapshot.ready_nonce,
             mechanism=snapshot.mechanism,
@@ -399,104 +378,75 @@ class SnapshotVm(Vm):
             share=False,
             incoming=True,
         )
-        self.spec = spec
-        self.nonce = nonce
         # No banner is expected after a restore: one would be an unexpected reboot.
-        self.machine = Machine(
-            spec, workdir, nonce=nonce, expected_boots=max(self.expected_boots - 1, 0)
+        machine = vm.use_machine(
+            spec, workdir, nonce=nonce, expected_boots=max(self.request.expected_boots - 1, 0)
         )
         self.snapshot = snapshot
-        (workdir / "snapshot.txt").parent.mkdir(parents=True, exist_ok=True)
+        workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "snapshot.txt").write_text(
             f"restored from {snapshot.path} ({snapshot.mechanism})\n"
             f"the boot up to the ready point: {snapshot.path / BOOT_LOG}\n"
         )
-        self.machine.launch()
-        recorder = self.machine.console.recorder
-        incoming(self.machine, snapshot, time.monotonic() + self.deadlines.of("firmware"))
+        machine.launch()
+        recorder = machine.console.recorder
+        incoming(machine, snapshot, time.monotonic() + vm.deadlines.of("firmware"))
         recorder.marks.append(Mark("restored", time.monotonic() - recorder.started))
-        self.machine.resume()
+        machine.resume()
         # Sent only now: a byte the serial port took in before the load would be lost.
-        self.machine.console.send(go_line(nonce, self.plan.rest) + rest_message(self.plan.rest))
-        self.boot_mechanism = snapshot.mechanism
-        self.expect_marker("RESUMED", phase="firmware")
+        machine.console.send(go_line(nonce, plan.rest) + rest_message(plan.rest))
+        vm.boot_mechanism = snapshot.mechanism
+        vm.expect_marker("RESUMED", phase="firmware")
 
-    def _boot_cold(self, reason: SnapshotError) -> None:
+    def _boot_cold(self, vm: Vm, reason: SnapshotError) -> None:
         message = f"booting cold instead of from a snapshot: {reason.message}"
         log.warning("%s", message)
-        warnings.warn(SnapshotWarning(message), stacklevel=3)
-        self.snapshot_note = reason.message
-        cold = self._cold(self.workdir / "cold")
-        self.spec, self.nonce, self.machine = cold.spec, cold.nonce, cold.machine
-        self.boot_mechanism = "cold"
-        Vm.start(self)
+        warnings.warn(SnapshotWarning(message), stacklevel=4)
+        self.note = reason.message
+        if self.plan is not None:  # else the VM was set up on its cold machine already
+            folder = self.workdir / "cold"
+            spec, nonce = cold_machine(self.request, cache_root=self.cache_root, workdir=folder)
+            vm.use_machine(spec, folder, nonce=nonce, expected_boots=self.request.expected_boots)
+        vm.boot_mechanism = "cold"
+        vm.boot_cold()
 
 
 def prepare_vm(
-    kernel: Kernel,
-    spec: InitramfsSpec,
-    *,
-    cache_root: Path,
-    workdir: Path,
-    accel: str = "tcg",
-    deadlines: Deadlines = DEFAULT_DEADLINES,
-    cmdline: str = "",
-    expected_boots: int = 1,
-    storage: Storage | None = None,
-    mechanism: str = AUTO,
-    **machine_options: Any,
-) -> SnapshotVm:
+    request: BootRequest, *, cache_root: Path, workdir: Path, mechanism: str = AUTO
+) -> Vm:
     """Set up a VM that starts from a snapshot of its definition (see the module doc).
 
-    Takes what :func:`harness.vm.boot.prepare_vm` takes, plus the VM's disks as a
-    :class:`~harness.storage.attach.Storage` (not yet attached: every restore gets its own
-    overlays) and the mechanism (``auto``, ``shared-ram`` or ``stream``).
+    Takes what :func:`harness.vm.boot.prepare_vm` takes (the request's disks are planned,
+    not attached: every restore gets its own overlays), plus the mechanism (``auto``,
+    ``shared-ram`` or ``stream``). The VM's :attr:`~harness.vm.boot.Vm.start_plan` is its
+    :class:`SnapshotStart`.
 
     Raises:
         ConfigError: bad template, module or file (see :func:`harness.image.initramfs.build`).
     """
-
-    def cold(folder: Path) -> Vm:
-        options = dict(machine_options)
-        if storage is not None:
-            options["extra_args"] = (
-                *storage.attach(folder),
-                *machine_options.get("extra_args", ()),
-            )
-        return boot_module.prepare_vm(
-            kernel,
-            spec,
-            cache_root=cache_root,
-            workdir=folder,
-            accel=accel,
-            deadlines=deadlines,
-            cmdline=cmdline,
-            expected_boots=expected_boots,
-            **options,
-        )
-
     plan: Plan | None = None
     unusable: SnapshotError | None = None
     try:
         plan = make_plan(
-            kernel,
-            spec,
+            request.kernel,
+            request.initramfs,
             cache_root=cache_root,
-            accel=accel,
-            cmdline=cmdline,
-            storage=storage,
-            **machine_options,
+            accel=request.accel,
+            cmdline=request.cmdline,
+            storage=request.storage,
+            **request.machine_options,
         )
     except SnapshotUnsupported as error:
         unusable = error
-    return SnapshotVm(
-        plan,
-        workdir,
-        cache_root=cache_root,
-        cold=cold,
-        mechanism=mechanism,
-        deadlines=deadlines,
-        expected_boots=expected_boots,
-        unusable=unusable,
-        kernel=kernel,
+    start = SnapshotStart(
+        request, plan, workdir, cache_root=cache_root, mechanism=mechanism, unusable=unusable
     )
+    if plan is not None:
+        # Until start: the machine of the snapshot's definition (its nonce comes at restore).
+        spec = machine_spec(
+            plan.kernel, plan.image, nonce="", accel=plan.accel, **plan.machine_options
+        )
+        return vm_for(request, spec, workdir / "restored", nonce="", start_plan=start)
+    folder = workdir / "cold"
+    spec, nonce = cold_machine(request, cache_root=cache_root, workdir=folder)
+    return vm_for(request, spec, folder, nonce=nonce, start_plan=start)

@@ -15,9 +15,10 @@ import re
 import secrets
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from harness import tools
 from harness.image.initramfs import Initramfs, InitramfsSpec
@@ -74,37 +75,93 @@ def with_harness_modules(kernel: Kernel, spec: InitramfsSpec) -> InitramfsSpec:
     return replace(spec, modules=modules)
 
 
-def prepare_vm(
-    kernel: Kernel,
-    spec: InitramfsSpec,
-    *,
-    cache_root: Path,
-    workdir: Path,
-    accel: str = "tcg",
-    deadlines: Deadlines = DEFAULT_DEADLINES,
-    cmdline: str = "",
-    expected_boots: int = 1,
-    **machine_options: Any,
-) -> Vm:
-    """Build the initramfs (or take it from the cache) and set up a VM to boot it.
+@dataclass(frozen=True)
+class BootRequest:
+    """Everything one boot needs, named once: what the fixtures, the CLI, bisect oracles and
+    snapshots pass to :func:`prepare_vm` (and :func:`harness.snapshot.restore.prepare_vm`).
+
+    ``storage`` is planned but not attached: each VM folder gets its own disk overlays.
+    ``machine_options`` are :class:`~harness.vm.machine.MachineSpec` fields (``machine``,
+    ``memory_mb``, ``devices``, ``extra_args``, ...).
+    """
+
+    kernel: Kernel
+    initramfs: InitramfsSpec
+    accel: str = "tcg"
+    deadlines: Deadlines = DEFAULT_DEADLINES
+    cmdline: str = ""
+    expected_boots: int = 1
+    storage: Storage | None = None
+    load_factor: float = 1.0  # how much the machine's load stretched ``deadlines``
+    machine_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def options_for(self, workdir: Path) -> dict[str, Any]:
+        """The machine options with this request's disks attached in ``workdir``."""
+        options = dict(self.machine_options)
+        if self.storage is not None:
+            options["extra_args"] = (
+                *self.storage.attach(workdir),
+                *self.machine_options.get("extra_args", ()),
+            )
+        return options
+
+
+def cold_machine(
+    request: BootRequest, *, cache_root: Path, workdir: Path
+) -> tuple[MachineSpec, str]:
+    """The machine that boots ``request`` from the start, and the nonce on its command line.
+
+    Builds the initramfs (or takes it from the cache), attaches the disks' overlays in
+    ``workdir`` and keeps the rendered init there for the evidence.
 
     Raises:
         ConfigError: bad template, module or file (see :func:`harness.image.initramfs.build`).
     """
-    image = build_initramfs(kernel, with_harness_modules(kernel, spec), cache_root)
-    nonce = new_nonce()
-    machine = machine_spec(
-        kernel, image, nonce=nonce, accel=accel, cmdline=cmdline, **machine_options
-    )
-    (workdir).mkdir(parents=True, exist_ok=True)
+    kernel = request.kernel
+    image = build_initramfs(kernel, with_harness_modules(kernel, request.initramfs), cache_root)
+    workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "init.sh").write_text(image.init_script)
+    nonce = new_nonce()
+    spec = machine_spec(
+        kernel,
+        image,
+        nonce=nonce,
+        accel=request.accel,
+        cmdline=request.cmdline,
+        **request.options_for(workdir),
+    )
+    return spec, nonce
+
+
+def prepare_vm(request: BootRequest, *, cache_root: Path, workdir: Path) -> Vm:
+    """Set up a VM that boots ``request`` cold (see :func:`cold_machine`).
+
+    Raises:
+        ConfigError: bad template, module or file (see :func:`harness.image.initramfs.build`).
+    """
+    spec, nonce = cold_machine(request, cache_root=cache_root, workdir=workdir)
+    return vm_for(request, spec, workdir, nonce=nonce)
+
+
+def vm_for(
+    request: BootRequest,
+    spec: MachineSpec,
+    workdir: Path,
+    *,
+    nonce: str,
+    start_plan: StartPlan | None = None,
+) -> Vm:
+    """A :class:`Vm` for ``request`` on the machine ``spec`` (cold, or as a start plan says)."""
     return Vm(
-        machine,
+        spec,
         workdir,
         nonce=nonce,
-        deadlines=deadlines,
-        expected_boots=expected_boots,
-        kernel=kernel,
+        deadlines=request.deadlines,
+        expected_boots=request.expected_boots,
+        kernel=request.kernel,
+        storage=request.storage,
+        load_factor=request.load_factor,
+        start_plan=start_plan,
     )
 
 
@@ -168,6 +225,14 @@ class BootResult:
         return "\n".join(lines)
 
 
+class StartPlan(Protocol):
+    """How a VM's QEMU comes to run the test, when not by a plain cold boot: a snapshot
+    start (:mod:`harness.snapshot.restore`) resumes a saved guest, or falls back to a cold
+    boot, bringing its own machine through :meth:`Vm.use_machine` before launching it."""
+
+    def start(self, vm: Vm) -> None: ...
+
+
 class Vm:
     """A guest being booted: its machine, its nonce and its deadlines."""
 
@@ -180,16 +245,31 @@ class Vm:
         deadlines: Deadlines = DEFAULT_DEADLINES,
         expected_boots: int = 1,
         kernel: Kernel | None = None,
+        storage: Storage | None = None,
+        load_factor: float = 1.0,
+        start_plan: StartPlan | None = None,
     ) -> None:
         self.spec = spec
         self.kernel = kernel  # what it boots, for reports (None for a hand-made spec)
-        self.storage: Storage | None = None  # the disks attached, when the test gave some
-        self.load_factor = 1.0  # how much the machine's load stretched the deadlines
+        self.storage = storage  # the disks attached, when the test gave some
+        self.load_factor = load_factor  # how much the machine's load stretched the deadlines
         self.boot_mechanism = "cold"  # or how a snapshot restored it (harness.snapshot.restore)
         self.nonce = nonce
         self.deadlines = deadlines
         self.machine = Machine(spec, workdir, nonce=nonce, expected_boots=expected_boots)
+        self.start_plan = start_plan
         self._guest_shell: GuestShell | None = None
+
+    def use_machine(
+        self, spec: MachineSpec, workdir: Path, *, nonce: str, expected_boots: int
+    ) -> Machine:
+        """Put another machine in place before launch (for a :class:`StartPlan`): a restored
+        snapshot's, or the cold boot it falls back to. The nonce goes with the machine."""
+        if self.machine.launched:
+            raise RuntimeError("use_machine: the VM's QEMU was launched already")
+        self.spec, self.nonce = spec, nonce
+        self.machine = Machine(spec, workdir, nonce=nonce, expected_boots=expected_boots)
+        return self.machine
 
     @property
     def console(self) -> Console:
@@ -207,11 +287,19 @@ class Vm:
         return started + self.machine.console.recorder.marks
 
     def start(self) -> None:
-        """Launch QEMU and let the guest run; wait for the kernel to start /init.
+        """Launch QEMU and let the guest run; wait for the kernel to start /init (or, with
+        a start plan, for the restored guest to resume).
 
         Raises:
             InfraError, KernelFault, BootTimeout, TestFailure: see :func:`run`.
         """
+        if self.start_plan is not None:
+            self.start_plan.start(self)
+        else:
+            self.boot_cold()
+
+    def boot_cold(self) -> None:
+        """Launch QEMU from the firmware and wait for the kernel to start /init."""
         self.machine.launch()
         self.machine.resume()
         self._expect(re.compile(r"[\s\S]"), "firmware")

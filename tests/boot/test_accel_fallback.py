@@ -52,13 +52,8 @@ def test_auto_falls_back_to_tcg_within_ten_seconds_and_boots(
 
     # Boot through the same hanging-KVM wrapper: it must be asked for TCG only.
     monkeypatch.setenv("PATH", f"{Path(hanging_kvm_qemu).parent}:{os.environ['PATH']}")
-    vm = boot.prepare_vm(
-        kernel,
-        InitramfsSpec(),
-        cache_root=tmp_path / "img",
-        workdir=tmp_path / "vm",
-        accel=choice.name,
-    )
+    request = boot.BootRequest(kernel, InitramfsSpec(), accel=choice.name)
+    vm = boot.prepare_vm(request, cache_root=tmp_path / "img", workdir=tmp_path / "vm")
     result = boot.run(vm, kernel=kernel, accel=choice.name)
     assert result.outcome.name == "PASS", result.render()
     assert "-accel tcg" in " ".join(vm.machine.argv)

@@ -10,7 +10,7 @@ import pytest
 from harness.kernel.provision import Kernel
 from harness.outcome import BootTimeout, ConfigError, InfraError, KernelFault, Outcome, TestFailure
 from harness.vm import boot as boot_module
-from harness.vm.boot import Deadlines
+from harness.vm.deadlines import Deadlines
 from harness.vm.machine import MachineSpec
 
 

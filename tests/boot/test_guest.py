@@ -21,7 +21,8 @@ from harness.outcome import ConfigError, KernelFault, Outcome
 from harness.plugin.fixtures import BootVm, GuestFactory
 from harness.vm import faults, power
 from harness.vm.accel import AccelChoice
-from harness.vm.boot import Deadlines, Vm, prepare_vm
+from harness.vm.boot import BootRequest, Vm, prepare_vm
+from harness.vm.deadlines import Deadlines
 from harness.vm.exitcode import DEBUG_EXIT_DEVICE, GuestExitError
 from harness.vm.hotplug import add_disk, remove_disk
 from harness.vm.shell import CommandFailed, CommandTimeout, GuestShell
@@ -271,13 +272,14 @@ def rescue(
     from harness.plugin.settings import settings_key
 
     settings = request.config.stash[settings_key]
-    vm: Vm = prepare_vm(
+    request = BootRequest(
         kernel,
         initramfs.InitramfsSpec(variables=SHELL),
-        cache_root=settings.cache_dir,
-        workdir=tmp_path_factory.mktemp("rescue") / "vm",
         accel=bootharness_accel.name,
         deadlines=settings.deadlines,
+    )
+    vm: Vm = prepare_vm(
+        request, cache_root=settings.cache_dir, workdir=tmp_path_factory.mktemp("rescue") / "vm"
     )
     with vm:
         vm.start()

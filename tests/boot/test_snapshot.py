@@ -30,6 +30,7 @@ from harness.snapshot import restore as snapshot
 from harness.snapshot import store as snapshot_store
 from harness.storage import disks
 from harness.storage.controllers import Disk
+from harness.vm.boot import BootRequest
 
 
 def lines_after(text: str, marker: str) -> list[str]:
@@ -42,7 +43,7 @@ def test_restored_vm_runs_with_its_own_nonce_console_qmp_and_clock(boot) -> None
         variables={"commands": ["date +%s", "cat /proc/cmdline"]},
         snapshot=True,
     )
-    assert vm.boot_mechanism in snapshot_store.MECHANISMS, vm.snapshot_note
+    assert vm.boot_mechanism in snapshot_store.MECHANISMS, vm.start_plan.note
     assert vm.qmp.command("query-status")["status"] == "running"
     vm.expect_pass()
     vm.wait_shutdown()
@@ -50,7 +51,7 @@ def test_restored_vm_runs_with_its_own_nonce_console_qmp_and_clock(boot) -> None
     old = re.search(r"bootharness\.nonce=([0-9a-f]+)", text)
     assert old is not None, text
     # The snapshot boot's nonce is on the command line; this run has its own.
-    assert old.group(1) == vm.snapshot.ready_nonce != vm.nonce
+    assert old.group(1) == vm.start_plan.snapshot.ready_nonce != vm.nonce
     assert f"[bootharness:{old.group(1)}]" not in text
     assert f"[bootharness:{vm.nonce}] PASS" in text
     # Nothing from before the snapshot is replayed, and no kernel banner came.
@@ -68,7 +69,7 @@ def test_two_restores_get_fresh_randomness(boot) -> None:
     seen = []
     for _ in range(2):
         vm = boot(variables={"commands": commands}, snapshot=True)
-        assert vm.boot_mechanism in snapshot_store.MECHANISMS, vm.snapshot_note
+        assert vm.boot_mechanism in snapshot_store.MECHANISMS, vm.start_plan.note
         vm.expect_pass()
         text = vm.machine.console.recorder.text
         seen.append(lines_after(text, f"[bootharness:{vm.nonce}] RUN 1")[0:3:2])
@@ -79,7 +80,7 @@ def test_two_restores_get_fresh_randomness(boot) -> None:
 
 def test_kernel_fault_after_restore_is_detected(boot) -> None:
     vm = boot(variables={"commands": ["echo c > /proc/sysrq-trigger", "sleep 30"]}, snapshot=True)
-    assert vm.boot_mechanism in snapshot_store.MECHANISMS, vm.snapshot_note
+    assert vm.boot_mechanism in snapshot_store.MECHANISMS, vm.start_plan.note
     with pytest.raises(KernelFault, match="sysrq triggered crash"):
         vm.expect_pass()
     assert vm.qmp.wait_event(["GUEST_PANICKED"], time.monotonic() + 5.0) is not None
@@ -87,7 +88,7 @@ def test_kernel_fault_after_restore_is_detected(boot) -> None:
 
 def test_guest_shell_works_after_restore(boot) -> None:
     vm = boot(variables={"after": "shell"}, snapshot=True)
-    assert vm.boot_mechanism in snapshot_store.MECHANISMS, vm.snapshot_note
+    assert vm.boot_mechanism in snapshot_store.MECHANISMS, vm.start_plan.note
     shell = vm.shell()
     assert shell.check("echo $((6 * 7))").strip() == "42"
     assert shell.run("test -e /no/such/file").status == 1
@@ -120,7 +121,7 @@ def test_two_restored_vms_do_not_see_each_others_disk_writes(boot, tmp_path: Pat
             ]
         },
     )
-    assert first.boot_mechanism in snapshot_store.MECHANISMS, first.snapshot_note
+    assert first.boot_mechanism in snapshot_store.MECHANISMS, first.start_plan.note
     first.expect_pass()
     first.wait_shutdown()
     second = boot(
@@ -128,7 +129,7 @@ def test_two_restored_vms_do_not_see_each_others_disk_writes(boot, tmp_path: Pat
         snapshot=True,
         variables={"commands": [uncached, "! head -c 16 /dev/vda | grep -q written"]},
     )
-    assert second.boot_mechanism in snapshot_store.MECHANISMS, second.snapshot_note
+    assert second.boot_mechanism in snapshot_store.MECHANISMS, second.start_plan.note
     second.expect_pass()
     second.wait_shutdown()
     first_overlay = first.storage.overlay(first.machine.workdir)
@@ -161,7 +162,7 @@ def private_vm(
     kernel: Kernel, root: Path, workdir: Path, commands: list[str], **options: object
 ) -> snapshot.SnapshotVm:
     spec = InitramfsSpec(variables={"commands": commands}, **options)  # type: ignore[arg-type]
-    return snapshot.prepare_vm(kernel, spec, cache_root=root, workdir=workdir)
+    return snapshot.prepare_vm(BootRequest(kernel, spec), cache_root=root, workdir=workdir)
 
 
 def file_hashes(folder: Path) -> dict[str, str]:
@@ -179,8 +180,8 @@ def made(kernel: Kernel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[M
     with private_vm(kernel, root, root / "vm-make", ["true"]) as vm:
         vm.start()
         vm.expect_pass()
-        assert vm.snapshot_created and vm.snapshot is not None, vm.snapshot_note
-        saved = vm.snapshot
+        assert vm.start_plan.created and vm.start_plan.snapshot is not None, vm.start_plan.note
+        saved = vm.start_plan.snapshot
     plan = snapshot_plan.make_plan(kernel, InitramfsSpec(), cache_root=root)
     yield Made(root, plan, saved)
     shutil.rmtree(root, ignore_errors=True)
@@ -198,7 +199,7 @@ def test_saved_snapshot_files_are_unchanged_after_restores(
     for index in range(2):
         with private_vm(kernel, made.root, tmp_path / f"vm{index}", fill) as vm:
             vm.start()
-            assert vm.snapshot == made.snapshot and not vm.snapshot_created
+            assert vm.start_plan.snapshot == made.snapshot and not vm.start_plan.created
             vm.expect_pass()
     assert file_hashes(made.snapshot.path) == before
 
@@ -216,7 +217,7 @@ def test_changing_one_byte_of_the_template_makes_a_new_snapshot(
     with first:
         first.start()
         first.expect_pass()
-    assert first.snapshot_created and first.boot_mechanism in snapshot_store.MECHANISMS
+    assert first.start_plan.created and first.boot_mechanism in snapshot_store.MECHANISMS
     old = snapshot_plan.make_plan(kernel, spec, cache_root=root)
     text = template.read_text()
     template.write_text(text.replace("# /init rendered", "# /init Rendered", 1))
@@ -227,8 +228,11 @@ def test_changing_one_byte_of_the_template_makes_a_new_snapshot(
     with second:
         second.start()
         second.expect_pass()
-    assert second.snapshot_created and second.boot_mechanism in snapshot_store.MECHANISMS
-    assert second.snapshot is not None and second.snapshot.path != first.snapshot.path
+    assert second.start_plan.created and second.boot_mechanism in snapshot_store.MECHANISMS
+    assert (
+        second.start_plan.snapshot is not None
+        and second.start_plan.snapshot.path != first.start_plan.snapshot.path
+    )
 
 
 def copy_snapshot(made: Made, root: Path) -> Path:
@@ -290,7 +294,7 @@ def test_falls_back_to_the_stream_mechanism_when_shared_ram_does_not_work(
     with private_vm(kernel, root, tmp_path / "vm", ["echo streamed"]) as vm:
         vm.start()
         vm.expect_pass()
-    assert vm.boot_mechanism == "stream" and vm.snapshot_created
+    assert vm.boot_mechanism == "stream" and vm.start_plan.created
     assert not plan.entry(root, "shared-ram").exists()
     assert [p.name for p in plan.entry(root, "stream").iterdir() if p.is_file()].count(
         snapshot_store.RAM_FILE

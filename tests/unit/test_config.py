@@ -1,4 +1,4 @@
-"""Tests for harness.kernel.catalogue: parsing, validation messages, selection and lookup of kernels.toml."""
+"""harness.kernel.catalogue: parsing, validation messages, selection and lookup of kernels.toml."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Since when (harness.report.history) and one page from many CI jobs (harness.report.merge), no boots.
+"""Since when (harness.report.history) and one page from many CI jobs (report.merge), no boots.
 
 Results files are written the way a run writes them (:meth:`Results.to_json` next to a
 ``report-logs/`` folder and a ``bundles/`` folder), laid out like downloaded CI artifacts.

@@ -52,7 +52,7 @@ def imported(node: ast.ImportFrom | ast.Import, module: str) -> Iterator[tuple[s
     base = node.module or ""
     if node.level:
         package = module.split(".")
-        if not MODULES[module].name == "__init__.py":
+        if MODULES[module].name != "__init__.py":
             package = package[:-1]
         package = package[: len(package) - node.level + 1]
         base = ".".join([*package, base] if base else package)
@@ -131,7 +131,7 @@ def test_imports_run_down_the_boot_path() -> None:
 
 def test_no_imports_inside_functions() -> None:
     hidden = []
-    for module, path in MODULES.items():
+    for _module, path in MODULES.items():
         tree = ast.parse(path.read_text())
         for func in ast.walk(tree):
             if isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):

@@ -11,16 +11,16 @@ import pytest
 import yaml
 
 from harness.cli import fanout
+from harness.image import templates
 from harness.kernel.catalogue import load_catalogue
 from harness.outcome import ConfigError, InfraError, KernelFault, Outcome
-from harness.image import templates
-from harness.storage import controllers
+from harness.plugin.collector import AttemptState
 from harness.report import bundle
 from harness.report import html as html_report
 from harness.report import model as results
-from harness.plugin.collector import AttemptState
 from harness.report.model import Results, TestRecord
 from harness.report.replay import _swap_file
+from harness.storage import controllers
 from harness.vm import loadscale
 
 REPO = Path(__file__).resolve().parents[2]
