@@ -110,7 +110,7 @@ def catalogue_of(args: argparse.Namespace) -> Catalogue:
     """The catalogue the command line names, or the one found; says so when it is the
     catalogue shipped with the package (no kernels.toml here or above)."""
     path = find_catalogue(args.kernels)
-    if path == SHIPPED_CATALOGUE.resolve() and args.kernels is None:
+    if path == SHIPPED_CATALOGUE:
         print(f"bootharness: no kernels.toml here or above; using {path}", file=sys.stderr)
     return load_catalogue(path)
 

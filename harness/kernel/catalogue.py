@@ -234,7 +234,7 @@ def find_catalogue(explicit: str | Path | None = None, start: Path | None = None
         if candidate.is_file():
             return candidate
     log.info("no %s in %s or above it: using the shipped %s", FILE_NAME, here, SHIPPED_CATALOGUE)
-    return SHIPPED_CATALOGUE.resolve()
+    return SHIPPED_CATALOGUE
 
 
 def _existing(path: Path, origin: str) -> Path:
