@@ -3,7 +3,7 @@
 :class:`Vm` drives a :class:`~harness.vm.machine.Machine` through the boot's phases, each with
 its own deadline (scaled by one multiplier for slow machines), and records when each point of
 progress was reached. :func:`run` maps whatever happened to exactly one
-:class:`~harness.outcome.Outcome` following DESIGN.md: a kernel fault wins over everything,
+:class:`~harness.outcome.Outcome` following docs/architecture.md: a kernel fault wins over everything,
 QEMU's exit status is never a verdict, and success is the nonce marker only this boot can print.
 """
 
@@ -371,7 +371,7 @@ class Vm:
             stderr=self.machine.stderr_text(),
         )
 
-    # Driving the guest (harness/shell.py, vmstate.py, power.py, exitcode.py): thin entry
+    # Driving the guest (harness/vm/shell.py, state.py, power.py, exitcode.py): thin entry
     # points, so tests write vm.shell().run(...) and vm.reset(); the modules say what raises.
 
     def shell(self, **options: Any) -> GuestShell:
