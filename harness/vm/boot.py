@@ -3,8 +3,9 @@
 :class:`Vm` drives a :class:`~harness.vm.machine.Machine` through the boot's phases, each with
 its own deadline (scaled by one multiplier for slow machines), and records when each point of
 progress was reached. :func:`run` maps whatever happened to exactly one
-:class:`~harness.outcome.Outcome` following docs/architecture.md: a kernel fault wins over everything,
-QEMU's exit status is never a verdict, and success is the nonce marker only this boot can print.
+:class:`~harness.outcome.Outcome` following docs/architecture.md: a kernel fault wins over
+everything, QEMU's exit status is never a verdict, and success is the nonce marker only this
+boot can print.
 """
 
 from __future__ import annotations
