@@ -9,7 +9,8 @@ PROBE = """
 import sys
 from harness.cli.main import main
 code = main(sys.argv[1:])
-print("LOADED:", " ".join(sorted(m for m in sys.modules if m == "pytest" or m.startswith("_pytest"))))
+loaded = sorted(m for m in sys.modules if m == "pytest" or m.startswith("_pytest"))
+print("LOADED:", " ".join(loaded))
 """
 
 
