@@ -28,6 +28,9 @@ DEBIAN_PACKAGE: dict[str, str] = {
     "sh": "dash",
     "sfdisk": "fdisk",
     "git": "git",
+    "mkinitramfs": "initramfs-tools-core",
+    "unshare": "util-linux",
+    "dpkg-query": "dpkg",
 }
 
 

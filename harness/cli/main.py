@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from harness.cli import bisect as bisect_commands
+from harness.cli import foreign as foreign_commands
 from harness.cli import matrix as matrix_commands
 from harness.cli import report as report_commands
 from harness.cli import text as report
@@ -24,8 +25,10 @@ from harness.cli.common import (
     Parser,
     accelerator,
     add_boot_options,
+    add_foreign_options,
     add_global_options,
     attach,
+    boot_request,
     cache_of,
     catalogue_of,
     image_options,
@@ -93,9 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("file", type=Path, help="an initramfs: cpio, compressed or concatenated")
     ls.add_argument("--paths", action="store_true", help="print only the paths")
     ls.set_defaults(func=cmd_initramfs_ls)
+    foreign_commands.register(ramfs_commands, common)
 
     run = commands.add_parser("boot", parents=[common, image], help="boot a kernel under QEMU")
     add_boot_options(run)
+    add_foreign_options(run)
     run.add_argument(
         "--shell", action="store_true", help="after the init succeeds, attach to a shell"
     )
@@ -173,8 +178,8 @@ def cmd_boot(args: argparse.Namespace) -> int:
     kernel = provision(one_kernel(catalogue_of(args), args.kernel), root)
     accel = accelerator(args.accel, root)
     deadlines = Deadlines.from_options(args.boot_timeout, args.timeout_multiplier)
-    spec = initramfs_spec(args, after="shell" if args.shell else None)
-    request = boot.BootRequest(kernel, spec, accel=accel, deadlines=deadlines, cmdline=args.cmdline)
+    after = "shell" if args.shell else None
+    request = boot_request(args, kernel, accel=accel, deadlines=deadlines, after=after)
     vm = boot.prepare_vm(
         request, cache_root=root, workdir=args.workdir or new_run_dir(root, kernel.name)
     )

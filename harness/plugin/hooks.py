@@ -81,6 +81,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "works; default off; marker snapshot / cold_boot per test)",
     )
     parser.addini("bootharness_snapshots", "snapshots: off, auto, shared-ram or stream", default="")
+    group.addoption(
+        "--initrd",
+        metavar="FILE",
+        help="a prebuilt initrd for tests that take the `initrd` fixture (bisect over images)",
+    )
+    parser.addini("bootharness_initrd", "the prebuilt initrd of the `initrd` fixture", default="")
     matrix.add_options(group, parser)  # controllers, templates, retries, reports
 
 

@@ -35,6 +35,7 @@ class Settings:
     keep_artifacts: bool
     cache_dir: Path
     snapshots: str = "off"  # off, auto, shared-ram or stream (harness.snapshot.restore)
+    initrd: Path | None = None  # --initrd FILE: the prebuilt image the `initrd` fixture gives
 
 
 settings_key = pytest.StashKey[Settings]()
@@ -113,7 +114,17 @@ def read_settings(config: pytest.Config) -> Settings:
         ),
         cache_dir=cache.cache_root(pick("bootharness_cache", "bootharness_cache") or None),
         snapshots=snapshots,
+        initrd=_initrd(pick("initrd", "bootharness_initrd")),
     )
+
+
+def _initrd(value: str) -> Path | None:
+    if not value:
+        return None
+    path = Path(value).expanduser().resolve()
+    if not path.is_file():
+        raise pytest.UsageError(f"--initrd {value}: no such file")
+    return path
 
 
 def read_matrix_settings(config: pytest.Config) -> MatrixSettings:
