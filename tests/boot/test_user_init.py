@@ -37,7 +37,15 @@ def classic_root(tmp_path_factory: pytest.TempPathFactory) -> DiskImage:
     return disks.filesystem(tree.path, base / "root.raw", label="classic", size="16M")
 
 
-@pytest.mark.parametrize("bus", ["ide", "ahci", "lsi", "virtio-scsi"])
+@pytest.mark.parametrize(
+    "bus",
+    [
+        "ide",
+        "ahci",
+        pytest.param("lsi", marks=pytest.mark.nightly),
+        pytest.param("virtio-scsi", marks=pytest.mark.nightly),
+    ],
+)
 def test_classic_init_reaches_the_roots_init(boot, classic_root: DiskImage, bus: str) -> None:
     vm = boot(
         CLASSIC,
