@@ -345,8 +345,8 @@ def boot_request(
     """The :class:`BootRequest` of a ``bootharness boot``-like command line.
 
     Raises:
-        ConfigError: template options with ``--initrd``, a missing image or disk, or a bad
-            regex.
+        ConfigError: template options with ``--initrd``, a missing image or disk, a bad
+            regex, or an init without markers and no ``--expect``.
     """
     initrd = initrd if initrd is not None else getattr(args, "initrd", None)
     spec = initramfs_spec(args, after=after)
@@ -374,7 +374,7 @@ def boot_request(
             modules = tuple(dict.fromkeys((*storage.modules, *spec.modules)))
             spec = dataclasses.replace(spec, modules=modules)
     overlay = {name: Path(host) for name, host in pairs(args.overlays, "--overlay", "PATH=HOST")}
-    return BootRequest(
+    request = BootRequest(
         kernel,
         spec,
         accel=accel,
@@ -386,3 +386,9 @@ def boot_request(
         verdict=ConsoleVerdict(tuple(args.expect), tuple(args.fail), args.root_failures),
         markers=args.markers,
     )
+    if not request.prints_markers and not args.expect:
+        raise ConfigError(
+            "this init prints no bootharness markers (a prebuilt --initrd, --no-markers, or a "
+            "template declaring markers=off): say what success looks like with --expect REGEX"
+        )
+    return request
