@@ -264,10 +264,11 @@ class Vm:
     def use_machine(
         self, spec: MachineSpec, workdir: Path, *, nonce: str, expected_boots: int
     ) -> Machine:
-        """Put another machine in place before launch (for a :class:`StartPlan`): a restored
-        snapshot's, or the cold boot it falls back to. The nonce goes with the machine."""
-        if self.machine.launched:
-            raise RuntimeError("use_machine: the VM's QEMU was launched already")
+        """Put another machine in place (for a :class:`StartPlan`): a restored snapshot's, or
+        the cold boot it falls back to, also after a restore that failed and was stopped.
+        The nonce goes with the machine."""
+        if self.machine.launched and self.machine.poll() is None:
+            raise RuntimeError("use_machine: the VM's QEMU is running; stop it first")
         self.spec, self.nonce = spec, nonce
         self.machine = Machine(spec, workdir, nonce=nonce, expected_boots=expected_boots)
         return self.machine
