@@ -221,7 +221,7 @@ def test_html_report_in_a_headless_browser_shows_the_failing_cell_and_its_log(
     assert len(dom.cells) == len(KERNELS) * len(CONTROLLERS)
     failing = [c for c in dom.cells if "fail" in c["class"].split()]
     assert [(c["data-kernel"], c["data-column"]) for c in failing] == [
-        (FORCED[0], f"{FORCED[1]}/init.sh")
+        (FORCED[0], FORCED[1])
     ]
     assert failing[0]["data-outcome"] == "KERNEL_FAULT"
     link = failing[0]["log"]

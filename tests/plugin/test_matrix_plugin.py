@@ -165,4 +165,4 @@ def test_records_from_xdist_workers_reach_the_json_and_html(
     failed = next(t for t in data["tests"] if t["outcome"] != "PASS")
     assert failed["excerpt"] == "Kernel panic - x"
     page = (pytester.path / "out" / "report.html").read_text()
-    assert 'data-kernel="k-b" data-column="nvme/" data-outcome="KERNEL_FAULT"' in page
+    assert 'data-kernel="k-b" data-column="nvme" data-outcome="KERNEL_FAULT"' in page
