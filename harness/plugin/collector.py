@@ -140,10 +140,16 @@ class ResultsCollector:
     """
 
     def __init__(
-        self, json_path: Path | None, html_path: Path | None, history: Sequence[Run] = ()
+        self,
+        json_path: Path | None,
+        html_path: Path | None,
+        history: Sequence[Run] = (),
+        *,
+        columns: str | None = None,
     ) -> None:
         self.json_path = json_path
         self.html_path = html_path
+        self.columns = columns  # the dimension the page's columns follow (None: most varied)
         self.history = list(history)  # earlier runs: the report says since when
         self.records: dict[str, TestRecord] = {}
         self.started = time.time()
@@ -168,7 +174,9 @@ class ResultsCollector:
             write_atomic(self.json_path, results.to_json(logs))
         if self.html_path is not None:
             streaks = history.compare(results, self.history) if self.history else None
-            page = html.render(results, relative_paths(links, self.html_path.parent), streaks)
+            page = html.render(
+                results, relative_paths(links, self.html_path.parent), streaks, self.columns
+            )
             write_atomic(self.html_path, page)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:

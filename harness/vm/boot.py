@@ -218,24 +218,33 @@ class BootResult:
 
     def render(self) -> str:
         """A boot report a person reads at a glance."""
-        lines = [
-            f"kernel:   {self.kernel} ({self.release})",
-            f"qemu:     {self.qemu_version}, accel {self.accel}",
-            "phases:",
-        ]
-        lines += [
-            f"  {m.at:8.3f} s  {m.name}{'  ' + m.detail if m.detail else ''}" for m in self.marks
-        ]
-        lines.append(
-            f"outcome:  {self.outcome.name}" + (f": {self.message}" if self.message else "")
-        )
+        lines = [*self.header_lines(), *(mark_line(m) for m in self.marks), *self.end_lines()]
+        return "\n".join(lines)
+
+    def header_lines(self) -> list[str]:
+        """What booted, known before the boot starts; ends with the ``phases:`` heading."""
+        return header_lines(self.kernel, self.release, self.qemu_version, self.accel)
+
+    def end_lines(self) -> list[str]:
+        """The outcome, the console log and, for a failure, its evidence."""
+        lines = [f"outcome:  {self.outcome.name}" + (f": {self.message}" if self.message else "")]
         if self.log_path is not None:
             lines.append(f"console:  {self.log_path}")
         if self.error is not None and self.outcome is not Outcome.PASS:
             details = self.error.evidence.render()
             if details:
                 lines.append(details)
-        return "\n".join(lines)
+        return lines
+
+
+def header_lines(kernel: str, release: str, qemu: str, accel: str) -> list[str]:
+    """The head of a boot report (see :meth:`BootResult.render`)."""
+    return [f"kernel:   {kernel} ({release})", f"qemu:     {qemu}, accel {accel}", "phases:"]
+
+
+def mark_line(mark: Mark) -> str:
+    """One point of progress as a boot report lists it: seconds, name, detail."""
+    return f"  {mark.at:8.3f} s  {mark.name}{'  ' + mark.detail if mark.detail else ''}"
 
 
 class StartPlan(Protocol):
@@ -328,6 +337,12 @@ class Vm:
         if not self.machine.launched:
             return started
         return started + self.machine.console.recorder.marks
+
+    def elapsed(self) -> float | None:
+        """Seconds since this VM's QEMU started (the clock of its marks); None before."""
+        if not self.machine.launched:
+            return None
+        return time.monotonic() - self.machine.started
 
     def start(self) -> None:
         """Launch QEMU and let the guest run; wait for the kernel to start /init (or, with
