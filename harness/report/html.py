@@ -62,9 +62,9 @@ td.fail{background:#fdecea}td.pass{background:#edf7ed}td.skip{background:#f5f5f5
 td.empty{background:#fafafa;color:#aaa}.release{font-weight:400;font-size:12px;color:#555}
 .entry{margin:3px 0;font-size:12px;line-height:1.35;overflow-wrap:break-word}
 .entry .badge{font-size:11px;padding:0 5px}.params{color:#555}
-.duration{color:#555;margin-left:.6em;white-space:nowrap}
+.duration{color:#555;margin-left:.3em;white-space:nowrap}
 .dim{display:inline-block;font-size:11px;border:1px solid #bbb;border-radius:3px;
-padding:0 4px;margin:0 0 0 4px;color:#444;background:#fff}.dim.warn{border-color:#e0a800;
+padding:0 4px;color:#444;background:#fff}.dim.warn{border-color:#e0a800;
 background:#fff8e1}.retried{color:#8d6e00}.message{color:#333}
 table.dimensions td{padding:1px 10px 1px 0;vertical-align:top}
 pre{background:#f6f6f6;border:1px solid #ddd;padding:6px;font-size:12px;max-width:70em;
@@ -306,12 +306,12 @@ class _Page:
         if record.kernel_warnings:
             count = len(record.kernel_warnings)
             parts.append(
-                f'<span class="dim warn" title="{_e(chr(10).join(record.kernel_warnings))}">'
+                f' <span class="dim warn" title="{_e(chr(10).join(record.kernel_warnings))}">'
                 f"{count} kernel warning{'s' if count > 1 else ''}</span>"
             )
         boot = record.phases.get("PASS")
         title = f' title="boot to PASS: {boot:.1f} s"' if boot is not None else ""
-        parts.append(f'<span class="duration"{title}>{record.duration:.1f} s</span>')
+        parts.append(f' <span class="duration"{title}>{record.duration:.1f} s</span>')
         if record.retried:
             parts.append(
                 f'<div class="retried">retried after {_e(", ".join(record.retried))} '
@@ -416,8 +416,10 @@ def _label_html(named: Label) -> str:
     parts = [f' <span class="name">{name}</span>']
     if named.params:
         parts.append(f'<span class="params">[{_e(named.params)}]</span>')
+    # Real spaces between the parts, not only margins: copied or read aloud, the label stays
+    # "name[params] chip 5.6 s", never "name[params]chip5.6 s".
     parts += [
-        f'<span class="dim" data-dimension="{_e(dimension)}">{_e(text)}</span>'
+        f' <span class="dim" data-dimension="{_e(dimension)}">{_e(text)}</span>'
         for dimension, text in named.chips
     ]
     return "".join(parts)
