@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from harness.outcome import ConfigError, Outcome
 from harness.report.model import ERROR, PHASES, SKIPPED, TestRecord
-from harness.vm.dimensions import SEPARATOR
+from harness.vm.dimensions import SEPARATOR, initramfs_label
 
 # Most severe first: a cell holding several tests shows its worst, and lists it first.
 SEVERITY = (
@@ -61,7 +61,7 @@ def value(record: TestRecord, dimension: str) -> str:
     """The record's value of ``dimension``; ``initramfs`` reads ``ours init.sh`` or
     ``foreign dracut`` (with its template or generator)."""
     if dimension == "initramfs":
-        return record.dimensions().initramfs_label
+        return initramfs_label(record.initramfs, record.template, record.generator)
     return str(getattr(record, dimension))
 
 

@@ -61,12 +61,17 @@ class Dimensions:
     @property
     def initramfs_label(self) -> str:
         """``ours init.sh`` or ``foreign dracut``: the initramfs with what made it."""
-        detail = self.template if self.initramfs == OURS else self.generator
-        return f"{self.initramfs} {detail}" if detail else self.initramfs
+        return initramfs_label(self.initramfs, self.template, self.generator)
 
 
 NAMES: tuple[str, ...] = tuple(f.name for f in fields(Dimensions))
 UNKNOWN = Dimensions()  # what a VM reports when nobody declared anything
+
+
+def initramfs_label(initramfs: str, template: str, generator: str) -> str:
+    """``ours init.sh`` or ``foreign dracut``: the initramfs with its template or generator."""
+    detail = template if initramfs == OURS else generator
+    return f"{initramfs} {detail}" if detail else initramfs
 
 
 def joined(values: Any) -> str:
