@@ -251,10 +251,8 @@ class _Page:
         rows.append("</tr></thead><tbody>")
         for kernel in kernels:
             mine = [r for r in records if r.kernel == kernel]
-            release = next((r.release for r in mine if r.release), "")
             rows.append(
-                f'<tr data-kernel="{_e(kernel)}"><th>{_e(kernel)}'
-                f'<div class="release">{_e(release)}</div></th>'
+                f'<tr data-kernel="{_e(kernel)}"><th>{_e(kernel)}{_kernel_lines(mine)}</th>'
             )
             for v in values:
                 cell = [r for r in mine if view.column_value(r, self.column) == v]
@@ -392,6 +390,15 @@ class _Page:
             f"<li>{self.entry(r)}<code>{_e(r.nodeid)}</code></li>" for r in view.cell_order(records)
         )
         return f"<ul>{items}</ul>"
+
+
+def _kernel_lines(records: Sequence[TestRecord]) -> str:
+    """Under a kernel's name: its release, and the commit and config of a source kernel."""
+    release = next((r.release for r in records if r.release), "")
+    commit = next((r.kernel_commit for r in records if r.kernel_commit), "")
+    config = next((r.kernel_config for r in records if r.kernel_config), "")
+    lines = [release, f"commit {commit}" if commit else "", f"config {config}" if config else ""]
+    return "".join(f'<div class="release">{_e(line)}</div>' for line in lines if line)
 
 
 def boot_line(record: TestRecord) -> str:

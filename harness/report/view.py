@@ -128,6 +128,8 @@ def label(record: TestRecord, dimensions: Sequence[str], column: str = "") -> La
             continue
         if found and (_says(params, found) or set(found.split()) <= words):
             continue
+        if dimension == "initramfs" and (record.template or record.generator) in words:
+            continue  # "init.sh" or "dracut" in the id says which kind it is
         chips.append((dimension, shown(dimension, found)))
     return Label(record.test, params, tuple(chips))
 
