@@ -238,9 +238,7 @@ def test_merge_makes_one_page_from_per_kernel_jobs_with_history_and_commands(
         assert not cell["log"].startswith("/") and log.is_relative_to(nightly / "index-logs")
         assert log.read_text() == f"console of {kernel} on {column}\n"
     assert cells[("k1", "nvme")]["since"].startswith("new tonight")
-    assert cells[("k2", "nvme")]["since"].startswith(
-        "failing since at least 2025-06-01 02:00"
-    )
+    assert cells[("k2", "nvme")]["since"].startswith("failing since at least 2025-06-01 02:00")
     assert cells[("k1", "ahci")]["since"].startswith("fixed tonight (was TEST_FAIL")
     assert "since" not in cells[("k2", "ahci")]  # no history there: nothing to say
     assert dom.changes == {
