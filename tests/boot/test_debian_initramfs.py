@@ -96,6 +96,13 @@ def test_mkinitramfs_image_boots_the_root(boot, ahci_image, debian_root, root: s
     assert marks["root-mounted"].detail == "sda"
     order = [mark.name for mark in vm.marks]
     assert order.index("initrd-unpacked") < order.index("INIT-START") < order.index("PASS")
+    seen = vm.dimensions()  # what every report says this boot was
+    assert (seen.initramfs, seen.generator, seen.controller) == (
+        "foreign",
+        "initramfs-tools",
+        "ahci",
+    )
+    assert seen.initramfs_digest == foreign.image_digest(ahci_image)[:12]
 
 
 @pytest.mark.parametrize(

@@ -243,3 +243,15 @@ def cpio_t(image: Path) -> list[str]:
 def test_entry_kinds_of_members() -> None:
     assert member("dev/console", stat.S_IFCHR | 0o600).kind is EntryKind.CHARDEV
     assert member(".", DIR).path == "" and member("./bin", DIR).path == "bin"
+
+
+def test_the_generator_is_named_by_the_files_only_it_writes(tmp_path: Path) -> None:
+    made = {
+        "initramfs-tools": [Entry.file("scripts/functions", b"x"), Entry.file("init", b"x")],
+        "dracut": [Entry.file("usr/lib/dracut-lib.sh", b"x"), Entry.file("init", b"x")],
+        "": [Entry.file("init", b"x")],
+    }
+    for generator, entries in made.items():
+        image = tmp_path / f"{generator or 'hand-made'}.img"
+        image.write_bytes(compression.compress(cpio.write_archive(entries), "gzip"))
+        assert foreign.generator_of(image) == generator
