@@ -53,6 +53,8 @@ ORACLE is one of
   boot [OPTIONS]             boot like `bootharness boot` with the same options: -k NAME,
                              -t TEMPLATE, --template-dir DIR (relative to the checkout),
                              --run CMD, --var NAME=VALUE, -m MODULE, --cmdline, --accel, ...
+                             or --initrd FILE (the image the tree builds) with --disk,
+                             --root, --expect REGEX, --fail REGEX
   pytest NODEID [ARGS...]    run one pytest node id with --kernel NAME (from ARGS, default:
                              the default kernel) and the other ARGS
 
@@ -393,6 +395,7 @@ def _step_boot_oracle(
     # The same options as `bootharness boot` (common.image_options + add_boot_options).
     parser = _StepParser(prog="bisect-step -- boot", parents=[common.image_options()])
     common.add_boot_options(parser)
+    common.add_foreign_options(parser)
     parser.add_argument("--shell", action="store_true")
     try:
         boot_args = parser.parse_args(list(words))
@@ -401,6 +404,23 @@ def _step_boot_oracle(
     if boot_args.shell:
         raise _StepUsageError("--shell makes no sense in a bisect step")
     entry = common.one_kernel(catalogue, boot_args.kernel)
+    foreign_options = [boot_args.disks, boot_args.root, boot_args.expect, boot_args.fail]
+    if boot_args.initrd is not None:
+        # A tree that builds an initrd (a generator's own repository): judge the image.
+        kernel = provision(entry, root, progress=False)
+        request = common.boot_request(
+            boot_args,
+            kernel,
+            accel=common.accelerator(boot_args.accel, root),
+            deadlines=Deadlines.from_options(boot_args.boot_timeout, boot_args.timeout_multiplier),
+        )
+        workdir = boot_args.workdir or common.new_run_dir(root, "bisect")
+        initrd_oracle = InitrdOracle(request, cache_root=root, workdir=workdir, verdicts=verdicts)
+        return str(boot_args.initrd), initrd_oracle
+    if any(foreign_options) or boot_args.overlays or boot_args.markers is not None:
+        raise _StepUsageError(
+            "--disk/--root/--expect/--fail/--overlay/--markers go with --initrd in a bisect step"
+        )
     oracle = BootOracle(
         kernels=lambda name: provision(catalogue.get(name), root, progress=False),
         spec=common.initramfs_spec(boot_args),

@@ -156,3 +156,22 @@ def test_pytest_oracle_gets_each_initrd_through_the_fixture(
     assert "TEST_FAIL -> bad" in output and "PASS -> good" in output
     assert cli.main(argv) == 0
     assert "verdicts:    4 (4 from the cache)" in capsys.readouterr().out
+
+
+def test_bisect_step_judges_the_initrd_a_tree_builds(
+    kernel: Kernel, images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`git bisect run bootharness bisect-step -- boot --initrd out.img ...` in a generator's
+    own repository: exit 0 for a good image, 1 for a bad one."""
+    codes = []
+    for image in (images[0], images[-1]):
+        argv = [
+            "bisect-step", "--verdicts", str(tmp_path / "verdicts"), "--",
+            "boot", "-k", kernel.name, "--initrd", str(image),
+            "--expect", r"bisect-image \d+ works", "--fail", r"bisect-image \d+ broken",
+            "--workdir", str(tmp_path / f"runs-{image.stem}"),
+        ]  # fmt: skip
+        codes.append(cli.main(argv))
+    output = capsys.readouterr().out
+    assert codes == [0, 1], output
+    assert "PASS -> good" in output and "TEST_FAIL -> bad" in output
