@@ -61,6 +61,7 @@ DEFAULT_RAMDISK_KIB = 4096  # CONFIG_BLK_DEV_RAM_SIZE's default
 DEPRECATION = re.compile(r"^\[[ \d.]+\] (.*(?:deprecated|no longer supported).*initrd.*)$", re.M)
 LOADED = "RAMDISK: gzip image found at block 0"
 REAL_ROOT_SPECIAL = ("", "ram0", "nfs")
+MODULE_LIST = "etc/bootharness-modules"  # the image's modules, one path a line, in load order
 _BLOCK = 1024
 
 
@@ -105,7 +106,8 @@ def build(
     image), runs ``commands`` and then writes ``real_root`` to real-root-dev: ``""`` keeps
     ``root=``, ``"ram0"`` keeps the RAM disk, ``"nfs"`` the kernel's NFS root, a block
     device name (``sdb``, ``sda1``) that device's number once it appears. ``files`` adds
-    paths to the image (bytes, a file, or a folder copied whole).
+    paths to the image (bytes, a file, or a folder copied whole). The modules' paths are
+    also listed in load order in :data:`MODULE_LIST`, for an image whose own init loads them.
 
     Raises:
         ConfigError: a missing folder, an unknown module, a bad ``real_root`` or file path,
@@ -136,6 +138,9 @@ def build(
             data = compression.decompress(data)
         _write(tree, relpath, data, 0o644)
         module_paths.append("/" + relpath)
+    if module_paths:
+        # For an init of the image's own (root=/dev/ram0) that loads them: in load order.
+        _write(tree, MODULE_LIST, ("\n".join(module_paths) + "\n").encode(), 0o644)
     for relpath, content in (files or {}).items():
         _add(tree, relpath, content)
     script = None

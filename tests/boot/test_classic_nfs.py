@@ -93,7 +93,7 @@ def test_nfs_wrong_export_fails_with_the_reason(
     assert "No such file or directory" in caught.value.message
 
 
-@pytest.mark.kernels("classic", widen=True)
+@pytest.mark.kernels("default", "classic", widen=True)
 def test_kernel_nfs_root(boot, kernel: Kernel, nfs_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """``root=/dev/nfs``: the kernel configures the NIC itself (IP_PNP) and mounts the export
     as the root; the initramfs it is given has no /init, so nothing runs before that."""
@@ -105,7 +105,7 @@ def test_kernel_nfs_root(boot, kernel: Kernel, nfs_server, tmp_path: Path) -> No
     assert_written_to_copy(server, root)
 
 
-@pytest.mark.kernels("classic", widen=True)
+@pytest.mark.kernels("default", "classic", widen=True)
 def test_kernel_nfs_root_wrong_export_names_the_kernel_message(
     boot, kernel: Kernel, nfs_server, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
