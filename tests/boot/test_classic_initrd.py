@@ -12,6 +12,7 @@ The disks hang off AHCI, whose driver is a module on the kernels these tests run
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 from pathlib import Path
 
@@ -26,8 +27,11 @@ from harness.storage import disks
 from harness.storage.controllers import Disk
 from harness.storage.disks import DiskImage
 from harness.vm.boot import Vm
+from harness.vm.network import SERVICE_ADDRESS, UserNetwork
 
 DISK_MODULES = ("ahci", "sd_mod")
+EXPORT = f"{SERVICE_ADDRESS}:/export"
+KERNEL_NFS_ROOT = ("CONFIG_ROOT_NFS=y", "CONFIG_IP_PNP=y", "CONFIG_NFS_V4=y", "CONFIG_E1000=y")
 SDA = "8:0"  # the first SCSI-class disk: root= by number, the driver is not loaded yet
 pytestmark = pytest.mark.kernels("default", "classic", widen=True)
 
@@ -275,3 +279,45 @@ RESCUE = (
     "cp /rescue/init /mnt/sbin/init && chmod 755 /mnt/sbin/init && sync && umount /mnt",
     'mark REPAIRED "$dev"',
 )
+
+
+def test_noinitrd_leaves_the_image_at_dev_initrd(
+    boot, kernel: Kernel, nfs_server, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """``noinitrd``: the kernel does not load the image into a RAM disk but, as initrd(4)
+    says, leaves its bytes readable once at /dev/initrd (block 1:250). The root comes from
+    NFS (the disk drivers are modules, which nothing would load)."""
+    require_legacy(kernel)
+    capabilities.require_config(kernel, *KERNEL_NFS_ROOT, why="an NFS root without an initrd")
+    initrd = initrd_for(kernel, tmp_path, "untouched")
+    size = initrd.path.stat().st_size
+    root = rootfs.build(
+        tmp_path / "nfs-root",
+        first_init=True,
+        commands=(
+            "mknod /dev/initrd b 1 250 2>/dev/null || test -b /dev/initrd",
+            f'mark DEV-INITRD "$(head -c {size} /dev/initrd 2>&1 | sha256sum | cut -c1-64)"',
+        ),
+    )
+    server = nfs_server(root.path)
+    network = UserNetwork([server.forward()])
+    vm = boot(
+        initrd=initrd.path,
+        markers=True,
+        root="/dev/nfs",
+        cmdline=f"noinitrd nfsroot={EXPORT},vers=4,tcp rw {network.kernel_ip()}",
+        extra_args=network.args(),
+    )
+    _, seen = vm.expect_marker("DEV-INITRD", phase="init")
+    vm.expect_pass()
+    vm.wait_shutdown()
+    text = console(vm)
+    assert legacy_initrd.LOADED not in text, "noinitrd, yet the kernel loaded the RAM disk"
+    if seen != hashlib.sha256(initrd.path.read_bytes()).hexdigest():
+        zeros = hashlib.sha256(bytes(size)).hexdigest()
+        held = "zeros (an empty RAM disk)" if seen == zeros else f"other bytes (sha256 {seen})"
+        said = legacy_initrd.deprecation(text) or "the kernel printed nothing about it"
+        pytest.skip(
+            f"kernel {kernel.name} no longer keeps the image for /dev/initrd after noinitrd: "
+            f"block 1:250 holds {held}; {said}"
+        )
