@@ -57,8 +57,12 @@ REQUIREMENTS: Mapping[str, tuple[str, ...]] = {
 }
 DEFAULT_RAMDISK_KIB = 4096  # CONFIG_BLK_DEV_RAM_SIZE's default
 # Kernel lines about the legacy initrd going away: 6.x "using deprecated initrd support, will
-# be removed in 2021."; 7.0 and later word the remaining root=/dev/ram0 path's notice anew.
-DEPRECATION = re.compile(r"^\[[ \d.]+\] (.*(?:deprecated|no longer supported).*initrd.*)$", re.M)
+# be removed in 2021." and, when /dev/initrd (block 1:250) is opened, "block device
+# autoloading is deprecated and will be removed."; 7.0 words the root=/dev/ram0 notice anew.
+DEPRECATION = re.compile(
+    r"^\[[ \d.]+\] ((?=.*(?:deprecated|no longer supported))(?=.*(?:initrd|autoloading)).*?)\r?$",
+    re.M,
+)
 LOADED = "RAMDISK: gzip image found at block 0"
 REAL_ROOT_SPECIAL = ("", "ram0", "nfs")
 MODULE_LIST = "etc/bootharness-modules"  # the image's modules, one path a line, in load order

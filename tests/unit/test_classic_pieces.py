@@ -172,3 +172,7 @@ def test_deprecation_lines_are_found_without_their_time_stamp() -> None:
     said = legacy_initrd.deprecation(console)
     assert said == "using deprecated initrd support, will be removed in 2021."
     assert legacy_initrd.deprecation("[    1.0] Run /init as init process\n") is None
+    autoload = "[   11.515448] block device autoloading is deprecated and will be removed.\r\n"
+    assert legacy_initrd.deprecation(autoload) == (
+        "block device autoloading is deprecated and will be removed."
+    )
