@@ -23,6 +23,7 @@ from harness.image import legacy_initrd, rootfs
 from harness.kernel import capabilities
 from harness.kernel.provision import Kernel
 from harness.outcome import TestFailure
+from harness.vm.deadlines import Deadlines
 from harness.vm.network import SERVICE_ADDRESS, UserNetwork
 from harness.vm.nfsserver import NfsServer, listening
 
@@ -105,21 +106,29 @@ def test_kernel_nfs_root(boot, kernel: Kernel, nfs_server, tmp_path: Path) -> No
     assert_written_to_copy(server, root)
 
 
+@pytest.mark.nightly  # the kernel retries the mount for ~95 s (5+10+20+30+30) before it gives up
 @pytest.mark.kernels("default", "classic", widen=True)
 def test_kernel_nfs_root_wrong_export_names_the_kernel_message(
     boot, kernel: Kernel, nfs_server, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
     capabilities.require_config(kernel, *KERNEL_NFS_ROOT, why="the kernel's own NFS root")
     server = nfs_server(nfs_root(tmp_path / "root", first_init=True).path)
-    vm = kernel_nfs_boot(boot, server, tmp_path, f"{SERVICE_ADDRESS}:/no-such-export")
+    # The kernel sleeps 5, 10, 20, 30 and 30 s between its tries (NFSROOT_TIMEOUT_*): its
+    # kernel phase lasts until it gives up and runs the fallback init.
+    vm = kernel_nfs_boot(
+        boot, server, tmp_path, f"{SERVICE_ADDRESS}:/no-such-export", Deadlines(kernel=300.0)
+    )
     with pytest.raises(TestFailure, match=r"Unable to mount root fs via NFS") as caught:
         vm.expect_pass()
     assert "did not mount its root" in caught.value.message
 
 
-def kernel_nfs_boot(boot, server: NfsServer, tmp_path: Path, export: str):  # type: ignore[no-untyped-def]
+def kernel_nfs_boot(  # type: ignore[no-untyped-def]
+    boot, server: NfsServer, tmp_path: Path, export: str, deadlines: Deadlines | None = None
+):
     network = UserNetwork([server.forward()])
     return boot(
+        deadlines=deadlines,
         initrd=legacy_initrd.no_init_archive(tmp_path / "no-init.cpio.gz"),
         markers=True,
         root="/dev/nfs",
