@@ -31,6 +31,9 @@ DEBIAN_PACKAGE: dict[str, str] = {
     "mkinitramfs": "initramfs-tools-core",
     "unshare": "util-linux",
     "dpkg-query": "dpkg",
+    "xorriso": "xorriso",
+    "genisoimage": "genisoimage",
+    "ganesha.nfsd": "nfs-ganesha",
 }
 
 

@@ -48,6 +48,7 @@ def build(
     identity: str | None = None,
     files: Mapping[str, bytes] | None = None,
     init: str | None = None,
+    first_init: bool = False,
 ) -> RootFs:
     """Fill ``folder`` (created, must be empty) with a minimal root file system.
 
@@ -56,6 +57,8 @@ def build(
     the init does once it printed PASS. ``files`` maps paths inside the root to contents.
     ``init`` replaces the harness's ``/sbin/init`` with a script of the test's own (one that
     prints no markers, judged by console patterns; ``commands`` and ``after`` then do nothing).
+    ``first_init`` is for roots the kernel mounts itself (NFS root, a RAM disk, a legacy
+    initrd's real root): no initramfs init ran before, so this init announces INIT-START.
 
     Raises:
         ConfigError: the folder is not empty, a bad ``after`` action or file path, or the
@@ -71,7 +74,13 @@ def build(
     script = init
     if script is None:
         script = templates.render(
-            TEMPLATE, {"identity": identity, "after": after, "commands": list(commands)}
+            TEMPLATE,
+            {
+                "identity": identity,
+                "after": after,
+                "commands": list(commands),
+                "first_init": first_init,
+            },
         )
     for name in _FOLDERS:
         (folder / name).mkdir(parents=True, exist_ok=True)

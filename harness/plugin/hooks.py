@@ -17,7 +17,7 @@ from harness import __version__
 from harness.kernel.catalogue import Catalogue, find_catalogue, load_catalogue
 from harness.outcome import ConfigError, HarnessError, InfraError
 from harness.plugin import collector as collector_module
-from harness.plugin import fixtures, matrix, recorder
+from harness.plugin import fixtures, matrix, recorder, servers
 from harness.plugin.settings import (
     catalogue_key,
     matrix_key,
@@ -115,6 +115,7 @@ def pytest_configure(config: pytest.Config) -> None:
     settings = read_settings(config)
     config.stash[settings_key] = settings
     config.pluginmanager.register(fixtures, "bootharness-fixtures")
+    config.pluginmanager.register(servers, "bootharness-servers")
     _register_matrix_parts(config)
     if settings.kernels_file or settings.kernel_selectors:
         # Asked for explicitly: a bad file or selector is a usage error before collection.
