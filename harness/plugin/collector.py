@@ -99,6 +99,7 @@ def build_record(
         test=getattr(item, "originalname", item.name),
         kernel=param_name(params.get("kernel")),
         controller=param_name(params.get("controller")),
+        boot_path=param_name(params.get("boot_path")),
         template=template_id(param_name(params.get("template"))),
         outcome=state.outcome,
         message=state.message,
@@ -117,6 +118,8 @@ def build_record(
         record.boot_mechanism = vm.boot_mechanism
         record.load_factor = float(vm.load_factor)
         record.phases = first_marks(vm.marks)
+        record.boot_path = record.boot_path or vm.boot.path.name
+        record.boot_entry = vm.boot_entry
         record.console_logs = [str(v.machine.console_log) for v in vms]
     return record
 

@@ -115,6 +115,7 @@ def rerun_command(record: TestRecord) -> str:
     for option, value in (
         ("--kernel", record.kernel),
         ("--controller", record.controller),
+        ("--boot-path", record.boot_path),
         ("--template", record.template),
     ):
         if value:

@@ -206,6 +206,7 @@ class Disk:
     unit: int | None = None
     instance: int = 0
     serial: str | None = None
+    bootindex: int | None = None  # the firmware's boot order (0 first); None: not bootable
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,10 @@ class Plan:
         """``-device`` values: controllers first, then one per disk."""
         devices = list(self.controller_devices)
         for a in self.attachments:
-            devices.append(a.controller.drive_arg(a.instance_id, a.drive_id, a.unit, a.serial))
+            device = a.controller.drive_arg(a.instance_id, a.drive_id, a.unit, a.serial)
+            if a.disk.bootindex is not None:
+                device += f",bootindex={a.disk.bootindex}"
+            devices.append(device)
         return devices
 
     def drive_args(self, overlays: Sequence[Path], fmt: str = "qcow2") -> list[str]:

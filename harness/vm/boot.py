@@ -31,8 +31,11 @@ from harness.outcome import (
     Outcome,
     TestFailure,
 )
-from harness.storage.attach import Storage
-from harness.vm import exitcode, power
+from harness.storage import bootpaths, firmware
+from harness.storage.attach import Storage, with_boot_disk
+from harness.storage.bootpaths import BootSpec
+from harness.storage.controllers import Disk
+from harness.vm import exitcode, loader, power
 from harness.vm.console import Console, ConsoleClosed, Mark, marker_regex
 from harness.vm.deadlines import DEFAULT_DEADLINES, Deadlines
 from harness.vm.machine import Machine, MachineSpec
@@ -95,15 +98,20 @@ class BootRequest:
     storage: Storage | None = None
     load_factor: float = 1.0  # how much the machine's load stretched ``deadlines``
     machine_options: Mapping[str, Any] = field(default_factory=dict)
+    boot: BootSpec = field(default_factory=BootSpec)  # the boot path (default: pvh)
 
-    def options_for(self, workdir: Path) -> dict[str, Any]:
-        """The machine options with this request's disks attached in ``workdir``."""
+    def options_for(self, workdir: Path, storage: Storage | None = None) -> dict[str, Any]:
+        """The machine options with this request's disks (or ``storage``) attached in
+        ``workdir``, and the boot path's firmware (OVMF's variable store copied there)."""
         options = dict(self.machine_options)
-        if self.storage is not None:
-            options["extra_args"] = (
-                *self.storage.attach(workdir),
-                *self.machine_options.get("extra_args", ()),
-            )
+        disks = storage if storage is not None else self.storage
+        machine = str(options.get("machine", "pc"))
+        chosen = firmware.get(self.boot.path.firmware, machine)
+        extra = [*chosen.qemu_args(workdir)]
+        if disks is not None:
+            extra += disks.attach(workdir)
+        if extra:
+            options["extra_args"] = (*extra, *self.machine_options.get("extra_args", ()))
         return options
 
 
@@ -123,14 +131,33 @@ def cold_machine(
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "init.sh").write_text(image.init_script)
     nonce = new_nonce()
-    spec = machine_spec(
-        kernel,
-        image,
-        nonce=nonce,
-        accel=request.accel,
-        cmdline=request.cmdline,
-        **request.options_for(workdir),
+    path = request.boot.path
+    if path.direct:
+        spec = machine_spec(
+            kernel,
+            image,
+            nonce=nonce,
+            accel=request.accel,
+            cmdline=request.cmdline,
+            prefer_vmlinux=path.kernel_image == "vmlinux",
+            **request.options_for(workdir),
+        )
+        return spec, nonce
+    # Through firmware: the kernel and initramfs go onto a boot disk of this VM's own, whose
+    # loader passes the command line with this boot's nonce.
+    disk_image = bootpaths.build_disk(
+        request.boot,
+        workdir,
+        kernel=kernel,
+        initrd=image.path,
+        cmdline=full_cmdline(kernel, nonce, request.cmdline),
+        cache_root=cache_root,
     )
+    machine = str(request.machine_options.get("machine", "pc"))
+    boot_disk = Disk(disk_image, request.boot.controller, bootindex=0, serial="bh-boot")
+    storage = with_boot_disk(request.storage, boot_disk, machine=machine)
+    options = request.options_for(workdir, storage)
+    spec = MachineSpec(kernel=None, accel=request.accel, **options)
     return spec, nonce
 
 
@@ -163,7 +190,15 @@ def vm_for(
         storage=request.storage,
         load_factor=request.load_factor,
         start_plan=start_plan,
+        boot=request.boot,
     )
+
+
+def full_cmdline(kernel: Kernel, nonce: str, cmdline: str = "") -> str:
+    """The kernel command line of one boot: the harness's base, the nonce, the kernel's own
+    and the test's extra words."""
+    words = [BASE_CMDLINE, f"{NONCE_PARAMETER}={nonce}", kernel.cmdline, cmdline]
+    return " ".join(w for w in words if w)
 
 
 def machine_spec(
@@ -179,9 +214,8 @@ def machine_spec(
     """The fast-defaults machine for ``kernel``: vmlinux through PVH when it has the entry."""
     image = (kernel.vmlinux() if prefer_vmlinux else None) or kernel.vmlinuz
     initrd = initramfs.path if isinstance(initramfs, Initramfs) else initramfs
-    words = [BASE_CMDLINE, f"{NONCE_PARAMETER}={nonce}", kernel.cmdline, cmdline]
-    full_cmdline = " ".join(w for w in words if w)
-    return MachineSpec(kernel=image, initrd=initrd, cmdline=full_cmdline, accel=accel, **options)
+    line = full_cmdline(kernel, nonce, cmdline)
+    return MachineSpec(kernel=image, initrd=initrd, cmdline=line, accel=accel, **options)
 
 
 @dataclass
@@ -197,6 +231,8 @@ class BootResult:
     log_path: Path | None = None
     qemu_version: str = ""
     error: HarnessError | None = None
+    boot_path: str = bootpaths.DEFAULT_BOOT_PATH
+    boot_entry: str = ""  # the boot loader's menu entry that booted, when there was one
 
     @property
     def boot_time(self) -> float | None:
@@ -209,6 +245,8 @@ class BootResult:
         lines = [
             f"kernel:   {self.kernel} ({self.release})",
             f"qemu:     {self.qemu_version}, accel {self.accel}",
+            f"boot:     {self.boot_path}"
+            + (f", entry {self.boot_entry!r}" if self.boot_entry else ""),
             "phases:",
         ]
         lines += [
@@ -249,15 +287,17 @@ class Vm:
         storage: Storage | None = None,
         load_factor: float = 1.0,
         start_plan: StartPlan | None = None,
+        boot: BootSpec | None = None,
     ) -> None:
         self.spec = spec
+        self.boot = boot or BootSpec()  # the boot path and, through a disk, menu and entry
         self.kernel = kernel  # what it boots, for reports (None for a hand-made spec)
         self.storage = storage  # the disks attached, when the test gave some
         self.load_factor = load_factor  # how much the machine's load stretched the deadlines
         self.boot_mechanism = "cold"  # or how a snapshot restored it (harness.snapshot.restore)
         self.nonce = nonce
         self.deadlines = deadlines
-        self.machine = Machine(spec, workdir, nonce=nonce, expected_boots=expected_boots)
+        self.machine = self._machine(spec, workdir, nonce, expected_boots)
         self.start_plan = start_plan
         self._guest_shell: GuestShell | None = None
 
@@ -269,8 +309,22 @@ class Vm:
         if self.machine.launched:
             raise RuntimeError("use_machine: the VM's QEMU was launched already")
         self.spec, self.nonce = spec, nonce
-        self.machine = Machine(spec, workdir, nonce=nonce, expected_boots=expected_boots)
+        self.machine = self._machine(spec, workdir, nonce, expected_boots)
         return self.machine
+
+    def _machine(self, spec: MachineSpec, workdir: Path, nonce: str, boots: int) -> Machine:
+        # Through firmware, the console also tells the firmware's hand-over and GRUB's entry
+        # and errors: marks for the report and reasons for a failure.
+        watches = () if self.boot.path.direct else bootpaths.LOADER_MARKS
+        return Machine(spec, workdir, nonce=nonce, expected_boots=boots, watches=watches)
+
+    @property
+    def boot_entry(self) -> str:
+        """The title of the menu entry the boot loader booted ("" without a loader)."""
+        if not self.machine.launched:
+            return ""
+        mark = self.machine.console.recorder.mark("loader-entry")
+        return mark.detail if mark is not None else ""
 
     @property
     def console(self) -> Console:
@@ -300,10 +354,23 @@ class Vm:
             self.boot_cold()
 
     def boot_cold(self) -> None:
-        """Launch QEMU from the firmware and wait for the kernel to start /init."""
+        """Launch QEMU from the firmware and wait for the kernel to start /init; on a path
+        through firmware and a loader, drive the loader phase in between."""
         self.machine.launch()
         self.machine.resume()
-        self._expect(re.compile(r"[\s\S]"), "firmware")
+        path = self.boot.path
+        handover = path.firmware_done or re.compile(r"[\s\S]")
+        self._expect(handover, "firmware", self.deadlines.of("firmware") * path.firmware_factor)
+        if path.loader:
+            try:
+                loader.run_loader(
+                    self.machine.console,
+                    self.boot.prompts(self.kernel.name if self.kernel is not None else ""),
+                    timeout=self.deadlines.of("loader"),
+                    evidence=self.evidence,
+                )
+            except ConsoleClosed:
+                raise self._closed_error("loader") from None
         self.expect_marker("INIT-START", phase="kernel")
 
     def expect_marker(
@@ -436,4 +503,6 @@ def run(vm: Vm, *, kernel: Kernel, accel: str, wait_shutdown: bool = True) -> Bo
         log_path=vm.machine.console_log,
         qemu_version=qemu_version(vm.spec.qemu),
         error=error,
+        boot_path=vm.boot.path.name,
+        boot_entry=vm.boot_entry,
     )

@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -44,7 +45,7 @@ KILL_GRACE = 5.0
 class MachineSpec:
     """What to boot and on which virtual hardware. Pure data; :meth:`argv` renders it."""
 
-    kernel: Path
+    kernel: Path | None  # None: the firmware boots from a disk (harness.storage.bootpaths)
     initrd: Path | None = None
     cmdline: str = ""
     accel: str = "tcg"
@@ -96,11 +97,12 @@ class MachineSpec:
             argv += ["-nic", "user,model=virtio-net-pci"]
         elif not self.nodefaults:
             argv += ["-nic", "none"]
-        argv += ["-kernel", str(self.kernel)]
-        if self.initrd is not None:
-            argv += ["-initrd", str(self.initrd)]
-        if self.cmdline:
-            argv += ["-append", self.cmdline]
+        if self.kernel is not None:
+            argv += ["-kernel", str(self.kernel)]
+            if self.initrd is not None:
+                argv += ["-initrd", str(self.initrd)]
+            if self.cmdline:
+                argv += ["-append", self.cmdline]
         for device in self.devices:
             argv += ["-device", device]
         argv += list(self.extra_args)
@@ -130,11 +132,20 @@ class Machine:
     A context manager: every exit path ends QEMU (QMP quit, then SIGTERM, then SIGKILL).
     """
 
-    def __init__(self, spec: MachineSpec, workdir: Path, *, nonce: str, expected_boots: int = 1):
+    def __init__(
+        self,
+        spec: MachineSpec,
+        workdir: Path,
+        *,
+        nonce: str,
+        expected_boots: int = 1,
+        watches: tuple[tuple[str, re.Pattern[str]], ...] = (),
+    ):
         self.spec = spec
         self.workdir = workdir
         self.nonce = nonce
         self.expected_boots = expected_boots
+        self.watches = watches  # console patterns of the firmware and loader to mark
         self.argv: list[str] = []
         self.started = 0.0
         self.process: subprocess.Popen[bytes] | None = None
@@ -216,7 +227,9 @@ class Machine:
         _LIVE.add(self)
         (self.workdir / "qemu.pid").write_text(f"{self.process.pid}\n")
         (self.workdir / "qemu.argv").write_text("\n".join(argv) + "\n")
-        recorder = ConsoleRecorder(self.started, self.nonce, self.expected_boots)
+        recorder = ConsoleRecorder(
+            self.started, self.nonce, self.expected_boots, watches=self.watches
+        )
         self._console = Console(
             console_ours,
             recorder,
