@@ -26,6 +26,7 @@ from harness.cli.common import (
     add_boot_options,
     add_global_options,
     attach,
+    boot_spec,
     cache_of,
     catalogue_of,
     image_options,
@@ -174,7 +175,14 @@ def cmd_boot(args: argparse.Namespace) -> int:
     accel = accelerator(args.accel, root)
     deadlines = Deadlines.from_options(args.boot_timeout, args.timeout_multiplier)
     spec = initramfs_spec(args, after="shell" if args.shell else None)
-    request = boot.BootRequest(kernel, spec, accel=accel, deadlines=deadlines, cmdline=args.cmdline)
+    request = boot.BootRequest(
+        kernel,
+        spec,
+        accel=accel,
+        deadlines=deadlines,
+        cmdline=args.cmdline,
+        boot=boot_spec(args),
+    )
     vm = boot.prepare_vm(
         request, cache_root=root, workdir=args.workdir or new_run_dir(root, kernel.name)
     )

@@ -110,9 +110,7 @@ def test_two_entry_menu_by_default_and_by_keys(boot) -> None:
 @pytest.mark.nightly
 def test_two_entry_menu_by_keys_on_uefi(boot) -> None:
     """GRUB EFI reads keys through the firmware's console; the same menu, the same verdicts."""
-    bad = boot(
-        boot_path="uefi-grub", menu=TWO_ENTRIES, entry=1, select="keys", start=False
-    )
+    bad = boot(boot_path="uefi-grub", menu=TWO_ENTRIES, entry=1, select="keys", start=False)
     with pytest.raises(TestFailure, match="GRUB failed booting entry 'bad initrd'"):
         bad.start()
     good = boot(boot_path="uefi-grub", menu=TWO_ENTRIES, entry=0, select="keys")
