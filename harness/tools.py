@@ -27,6 +27,10 @@ DEBIAN_PACKAGE: dict[str, str] = {
     "gzip": "gzip",
     "sh": "dash",
     "sfdisk": "fdisk",
+    "grub-mkimage": "grub-common",
+    "mkfs.fat": "dosfstools",
+    "mmd": "mtools",
+    "mcopy": "mtools",
     "git": "git",
 }
 

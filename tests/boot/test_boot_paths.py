@@ -12,12 +12,17 @@ firmware files are never written (the suite's conftest also checks the firmware 
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from harness.bisect.search import Observation, Status, bisect
+from harness.cache import build_once, cache_root
 from harness.image.bootdisk import Menu, MenuEntry
+from harness.kernel import bzimage
 from harness.outcome import HarnessError, Outcome, TestFailure
 from harness.storage import disks, firmware
 from harness.storage.controllers import Disk
@@ -166,3 +171,64 @@ def test_base_images_and_firmware_are_never_written(boot, data_disk: disks.DiskI
     vm.wait_shutdown()
     assert {p: sha256(p) for p in before} == before
     assert sha256(vm.machine.workdir / "ovmf-vars.fd") != before[ovmf.files[1]]
+
+
+# -- a real kernel built without the EFI stub ---------------------------------------------------
+
+LINUX_SOURCE = Path("/usr/src/linux-source-6.1.tar.xz")  # Debian's linux-source-6.1
+
+
+@pytest.fixture(scope="session")
+def kernel_without_efi_stub() -> tuple[Path, Path]:
+    """A 64-bit tinyconfig bzImage from Debian's kernel source (no EFI at all), built once into
+    the cache: (bzImage, .config). Minutes of compiling on 2 cores, hence nightly."""
+    if not LINUX_SOURCE.is_file():
+        pytest.skip(f"{LINUX_SOURCE} is missing: apt-get install linux-source-6.1")
+    folder = cache_root() / "test-kernels" / "tinyconfig-no-efi-stub"
+
+    def build(partial: Path) -> None:
+        partial.mkdir()
+        subprocess.run(["tar", "-xf", str(LINUX_SOURCE), "-C", str(partial)], check=True)
+        (tree,) = partial.glob("linux-source-*")
+        out = partial / "build"
+
+        def make(*targets: str) -> None:
+            jobs = f"-j{os.cpu_count() or 1}"
+            argv = ["nice", "-n", "10", "make", "-C", str(tree), f"O={out}", jobs, *targets]
+            subprocess.run(argv, check=True, capture_output=True)
+
+        make("tinyconfig")
+        config = out / ".config"
+        config.write_text(config.read_text() + "CONFIG_64BIT=y\n")
+        make("olddefconfig")
+        make("bzImage")
+        shutil.copyfile(out / "arch/x86/boot/bzImage", partial / "bzImage")
+        shutil.copyfile(config, partial / "config")
+        shutil.rmtree(tree)
+        shutil.rmtree(out)
+
+    build_once(folder, build)
+    return folder / "bzImage", folder / "config"
+
+
+@pytest.mark.nightly
+def test_uefi_stub_skips_a_real_kernel_built_without_the_efi_stub(
+    pytester: pytest.Pytester, kernel_without_efi_stub: tuple[Path, Path]
+) -> None:
+    bz, config = kernel_without_efi_stub
+    assert "CONFIG_EFI_STUB=y" not in config.read_text()
+    assert not bzimage.has_efi_stub(bz)  # no PE header in the image itself
+    (pytester.path / "kernels.toml").write_text(
+        f'[kernels."tiny"]\nvmlinuz = "{bz}"\nconfig = "{config}"\n'
+        f'[kernels."tiny-no-config"]\nvmlinuz = "{bz}"\n'
+    )
+    pytester.makepyfile("def test_boot(boot, boot_path):\n    boot()\n")
+    args = ["--kernels=kernels.toml", "--kernel", "tiny", "--kernel", "tiny-no-config"]
+    result = pytester.runpytest(*args, "--boot-path", "uefi-stub", "-rs", "-p", "no:cacheprovider")
+    result.assert_outcomes(skipped=2)
+    result.stdout.fnmatch_lines_random(
+        [
+            "*kernel tiny (*) lacks CONFIG_EFI_STUB, needed by boot path uefi-stub*",
+            "*kernel tiny-no-config (*): its bzImage has no EFI stub (no PE header*",
+        ]
+    )
