@@ -20,7 +20,7 @@ from harness.kernel import bzimage
 from harness.kernel.provision import Kernel
 from harness.outcome import ConfigError
 from harness.report.model import TestRecord, junit_properties, phase_split
-from harness.storage import bootpaths, firmware
+from harness.storage import attach, bootpaths, firmware
 from harness.storage.bootpaths import BOOT_PATHS, BootSpec
 from harness.storage.controllers import Disk, plan
 from harness.storage.disks import DiskImage
@@ -350,6 +350,19 @@ def test_the_boot_disk_comes_after_the_test_disks_and_boots_first() -> None:
     assert devices[0] == "ich9-ahci,id=ahci0"
     assert devices[1].endswith("serial=bh-disk0")
     assert devices[2] == "ide-hd,drive=disk1,bus=ahci0.1,serial=bh-disk1,bootindex=0"
+
+
+def test_with_boot_disk_keeps_the_test_disks_in_place(tmp_path: Path) -> None:
+    data = DiskImage(Path("/nonexistent/data.raw"), "raw", 1 << 20, fstype="ext4")
+    boot = DiskImage(Path("/nonexistent/boot.raw"), "raw", 1 << 20, label="boot")
+    planned = attach.plan([Disk(data, "ide")], variables={"root": "LABEL=x"})
+    both = attach.with_boot_disk(planned, Disk(boot, "ahci", bootindex=0))
+    assert both.images == (data, boot) and both.fstypes == ("ext4",)
+    assert [a.drive_id for a in both.plan.attachments] == ["disk0", "disk1"]
+    assert both.plan.device_args()[-1].endswith(",bootindex=0")
+    alone = attach.with_boot_disk(None, Disk(boot, "ide", bootindex=0))
+    (device,) = alone.plan.device_args()
+    assert device == "ide-hd,drive=disk0,bus=ide.0,unit=0,serial=bh-disk0,bootindex=0"
 
 
 GRUB_BIOS_LOG = (
