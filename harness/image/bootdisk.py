@@ -313,7 +313,8 @@ def esp_disk(
 ) -> Path:
     """A GPT disk whose EFI system partition (FAT, at 1 MiB) holds ``files``; with
     ``grub_cfg``, GRUB EFI as ``/EFI/BOOT/BOOTX64.EFI`` and ``/boot/grub/grub.cfg``; with
-    ``startup``, ``/startup.nsh`` for the firmware's shell.
+    ``startup``, ``/startup.nsh`` for the firmware's shell. A file of ``files`` at one of
+    those paths replaces the builder's (a loader or configuration under test).
 
     Raises:
         ConfigError: a file is missing or a guest path is not absolute.
@@ -333,7 +334,7 @@ def esp_disk(
         what=f"make the EFI system partition in {path}",
     )
     with tempfile.TemporaryDirectory(prefix="bootdisk-") as scratch:
-        contents = dict(files)
+        contents: dict[str, Path] = {}
         if loader is not None and grub_cfg is not None:
             contents[EFI_LOADER_PATH] = loader
             contents[GRUB_CFG_PATH] = Path(scratch) / "grub.cfg"
@@ -341,6 +342,7 @@ def esp_disk(
         if startup is not None:
             contents[STARTUP_NSH_PATH] = Path(scratch) / "startup.nsh"
             contents[STARTUP_NSH_PATH].write_bytes(startup.encode())
+        contents.update(files)  # the caller's files win (e.g. a loader under test)
         _mcopy(path, contents)
     log.info("EFI boot disk %s (%d bytes)", path, MIB + size + MIB)
     return path

@@ -93,6 +93,8 @@ class BootPath:
     firmware_done: re.Pattern[str] | None = None
     firmware_factor: float = 1.0  # OVMF starts slowly under TCG: its deadline is scaled
     prompts: tuple[Prompt, ...] = ()
+    # A hand-over to this boot option means the firmware found no loader on the disk.
+    wrong_handover: str = ""
 
     @property
     def direct(self) -> bool:
@@ -139,6 +141,7 @@ BOOT_PATHS: Mapping[str, BootPath] = {
             loader="grub",
             firmware_done=OVMF_HANDOVER,
             firmware_factor=4.0,
+            wrong_handover="EFI Internal Shell",
         ),
         BootPath(
             name="uefi-stub",

@@ -360,7 +360,14 @@ class Vm:
         self.machine.resume()
         path = self.boot.path
         handover = path.firmware_done or re.compile(r"[\s\S]")
-        self._expect(handover, "firmware", self.deadlines.of("firmware") * path.firmware_factor)
+        seen = self._expect(
+            handover, "firmware", self.deadlines.of("firmware") * path.firmware_factor
+        )
+        if path.wrong_handover and path.wrong_handover in seen.group(0):
+            raise TestFailure(
+                f"the firmware found no boot loader on the disk and started {seen.group(0)!r}",
+                self.evidence("firmware"),
+            )
         if path.loader:
             try:
                 loader.run_loader(

@@ -232,3 +232,16 @@ def test_uefi_stub_skips_a_real_kernel_built_without_the_efi_stub(
             "*kernel tiny-no-config (*): its bzImage has no EFI stub (no PE header*",
         ]
     )
+
+
+@pytest.mark.nightly
+def test_uefi_grub_without_a_working_loader_is_test_fail(boot, tmp_path: Path) -> None:
+    """OVMF cannot start a BOOTX64.EFI that is no PE image and falls back to its shell: the
+    boot fails in the firmware phase, saying so, instead of waiting at the shell's prompt."""
+    broken = tmp_path / "BOOTX64.EFI"
+    broken.write_text("not a PE image\n")
+    vm = boot(boot_path="uefi-grub", boot_files={"/EFI/BOOT/BOOTX64.EFI": broken}, start=False)
+    with pytest.raises(TestFailure, match="found no boot loader on the disk") as caught:
+        vm.start()
+    assert caught.value.evidence.phase == "firmware"
+    assert "EFI Internal Shell" in caught.value.message
