@@ -224,7 +224,7 @@ def test_uefi_stub_skips_a_real_kernel_built_without_the_efi_stub(
     )
     pytester.makepyfile("def test_boot(boot, boot_path):\n    boot()\n")
     args = ["--kernels=kernels.toml", "--kernel", "tiny", "--kernel", "tiny-no-config"]
-    result = pytester.runpytest(*args, "--boot-path", "uefi-stub", "-rs", "-p", "no:cacheprovider")
+    result = pytester.runpytest(*args, "--boot-path", "uefi-stub", "-rs", "--accel", "tcg")
     result.assert_outcomes(skipped=2)
     result.stdout.fnmatch_lines_random(
         [

@@ -101,7 +101,16 @@ def test_uefi_stub_skips_a_kernel_without_the_efi_stub(
         """
     )
     result = pytester.runpytest(
-        catalogue, "--kernel", "k-a", "--kernel", "k-configured", "--boot-path", "uefi-stub", "-rs"
+        catalogue,
+        "--kernel",
+        "k-a",
+        "--kernel",
+        "k-configured",
+        "--boot-path",
+        "uefi-stub",
+        "-rs",
+        "--accel",
+        "tcg",
     )
     result.assert_outcomes(skipped=2)
     result.stdout.fnmatch_lines_random(
