@@ -30,7 +30,7 @@ from harness.bisect.oracles import BootOracle, PytestOracle
 from harness.bisect.search import Observation, Step
 from harness.bisect.search import bisect as run_bisect
 from harness.bisect.verdicts import VerdictCache
-from harness.cli import common
+from harness.cli import common, text
 from harness.image import templates
 from harness.kernel.catalogue import Catalogue
 from harness.kernel.provision import Kernel, provision
@@ -138,6 +138,7 @@ def cmd_bisect(args: argparse.Namespace) -> int:
     oracle = _kernel_oracle(args, catalogue, root, workdir)
     print(f"bisecting {len(candidates)} kernels: {', '.join(candidates)}", flush=True)
     result = run_bisect(candidates, oracle, on_step=_print_step)
+    print("\n".join(text.bisect_table(result)), flush=True)
     print(result.render(), flush=True)
     return result.status.exit_code
 

@@ -35,6 +35,7 @@ from harness.cli.common import (
     one_kernel,
     setup_logging,
 )
+from harness.cli.progress import BootProgress
 from harness.image import cpio, initramfs
 from harness.kernel.provision import is_provisioned, provision
 from harness.outcome import ConfigError, HarnessError
@@ -193,8 +194,14 @@ def cmd_boot(args: argparse.Namespace) -> int:
             print("console attached; Ctrl-] to leave", file=sys.stderr, flush=True)
             attach(vm.console.child)
         return 0
-    result = boot.run(vm, kernel=kernel, accel=accel)
-    print(result.render())
+    # The report is written as the boot goes (harness.cli.progress): head, phases, outcome.
+    qemu = boot.qemu_version(vm.spec.qemu)
+    head = boot.header_lines(kernel.name, kernel.release, qemu, accel, args.boot_path)
+    print("\n".join(head), flush=True)
+    with BootProgress(vm, sys.stdout, live=sys.stdout.isatty()) as progress:
+        result = boot.run(vm, kernel=kernel, accel=accel)
+        progress.finish(result.marks)
+    print("\n".join(result.end_lines()))
     return result.outcome.cli_exit
 
 

@@ -240,5 +240,7 @@ def _register_matrix_parts(config: pytest.Config) -> None:
             runs = history.load_runs(settings.history)
         except ConfigError as error:
             raise pytest.UsageError(f"--bootharness-history: {error}") from error
-        collector = collector_module.ResultsCollector(settings.json_path, settings.html_path, runs)
+        collector = collector_module.ResultsCollector(
+            settings.json_path, settings.html_path, runs, columns=settings.columns
+        )
         config.pluginmanager.register(collector, "bootharness-results")

@@ -17,6 +17,7 @@ from harness import cache
 from harness.image import templates
 from harness.kernel.catalogue import Catalogue
 from harness.outcome import ConfigError
+from harness.report.view import COLUMN_DIMENSIONS
 from harness.snapshot.restore import MODES
 from harness.storage import bootpaths, controllers
 from harness.vm.accel import VALID_REQUESTS
@@ -56,6 +57,7 @@ class MatrixSettings:
     html_path: Path | None = None
     bundles_dir: Path | None = None
     history: tuple[Path, ...] = ()  # earlier runs' results files or folders
+    columns: str | None = None  # the dimension the HTML report's columns follow
 
 
 matrix_key = pytest.StashKey[MatrixSettings]()
@@ -138,6 +140,11 @@ def read_matrix_settings(config: pytest.Config) -> MatrixSettings:
     if retries < 0:
         raise pytest.UsageError(f"--infra-retries {retries}: use 0 or more")
     no_scaling = config.getoption("no_load_scaling")
+    columns = pick("bootharness_columns", "bootharness_columns") or None
+    if columns is not None and columns not in COLUMN_DIMENSIONS:
+        raise pytest.UsageError(
+            f"bootharness_columns = {columns!r}: use one of {', '.join(COLUMN_DIMENSIONS)}"
+        )
     settings = MatrixSettings(
         controllers=split_values(
             config.getoption("controller") or config.getini("bootharness_controller")
@@ -161,6 +168,7 @@ def read_matrix_settings(config: pytest.Config) -> MatrixSettings:
                 config.getoption("bootharness_history") or config.getini("bootharness_history")
             )
         ),
+        columns=columns,
     )
     try:
         controllers.select(settings.controllers)

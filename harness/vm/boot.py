@@ -38,6 +38,8 @@ from harness.storage.controllers import Disk
 from harness.vm import exitcode, loader, power
 from harness.vm.console import Console, ConsoleClosed, Mark, marker_regex
 from harness.vm.deadlines import DEFAULT_DEADLINES, Deadlines
+from harness.vm.dimensions import UNKNOWN, Dimensions, joined, warning_line
+from harness.vm.faults import Severity
 from harness.vm.machine import Machine, MachineSpec
 from harness.vm.qmp import Qmp, QmpEvent
 from harness.vm.shell import GuestShell
@@ -191,6 +193,7 @@ def vm_for(
         load_factor=request.load_factor,
         start_plan=start_plan,
         boot=request.boot,
+        dimensions=declared_dimensions(request),
     )
 
 
@@ -199,6 +202,18 @@ def full_cmdline(kernel: Kernel, nonce: str, cmdline: str = "") -> str:
     and the test's extra words."""
     words = [BASE_CMDLINE, f"{NONCE_PARAMETER}={nonce}", kernel.cmdline, cmdline]
     return " ".join(w for w in words if w)
+
+
+def declared_dimensions(request: BootRequest) -> Dimensions:
+    """What ``request`` says about the boot's dimensions before it runs (the rest, such as the
+    kernel and the disks' controllers, :meth:`Vm.dimensions` reads from the VM itself).
+
+    A feature that changes what boots (a boot path, a prebuilt initramfs) names it here.
+    """
+    return Dimensions(
+        template=request.initramfs.template.removesuffix(".j2"),
+        boot_path=request.boot.path.name,
+    )
 
 
 def machine_spec(
@@ -242,26 +257,42 @@ class BootResult:
 
     def render(self) -> str:
         """A boot report a person reads at a glance."""
-        lines = [
-            f"kernel:   {self.kernel} ({self.release})",
-            f"qemu:     {self.qemu_version}, accel {self.accel}",
-            f"boot:     {self.boot_path}"
-            + (f", entry {self.boot_entry!r}" if self.boot_entry else ""),
-            "phases:",
-        ]
-        lines += [
-            f"  {m.at:8.3f} s  {m.name}{'  ' + m.detail if m.detail else ''}" for m in self.marks
-        ]
-        lines.append(
-            f"outcome:  {self.outcome.name}" + (f": {self.message}" if self.message else "")
+        lines = [*self.header_lines(), *(mark_line(m) for m in self.marks), *self.end_lines()]
+        return "\n".join(lines)
+
+    def header_lines(self) -> list[str]:
+        """What booted, known before the boot starts; ends with the ``phases:`` heading."""
+        return header_lines(
+            self.kernel, self.release, self.qemu_version, self.accel, self.boot_path
         )
+
+    def end_lines(self) -> list[str]:
+        """The outcome, the console log and, for a failure, its evidence."""
+        lines = [f"outcome:  {self.outcome.name}" + (f": {self.message}" if self.message else "")]
         if self.log_path is not None:
             lines.append(f"console:  {self.log_path}")
         if self.error is not None and self.outcome is not Outcome.PASS:
             details = self.error.evidence.render()
             if details:
                 lines.append(details)
-        return "\n".join(lines)
+        return lines
+
+
+def header_lines(
+    kernel: str, release: str, qemu: str, accel: str, boot_path: str = bootpaths.DEFAULT_BOOT_PATH
+) -> list[str]:
+    """The head of a boot report (see :meth:`BootResult.render`)."""
+    return [
+        f"kernel:   {kernel} ({release})",
+        f"qemu:     {qemu}, accel {accel}",
+        f"boot:     {boot_path}",
+        "phases:",
+    ]
+
+
+def mark_line(mark: Mark) -> str:
+    """One point of progress as a boot report lists it: seconds, name, detail."""
+    return f"  {mark.at:8.3f} s  {mark.name}{'  ' + mark.detail if mark.detail else ''}"
 
 
 class StartPlan(Protocol):
@@ -288,6 +319,7 @@ class Vm:
         load_factor: float = 1.0,
         start_plan: StartPlan | None = None,
         boot: BootSpec | None = None,
+        dimensions: Dimensions = UNKNOWN,
     ) -> None:
         self.spec = spec
         self.boot = boot or BootSpec()  # the boot path and, through a disk, menu and entry
@@ -299,15 +331,17 @@ class Vm:
         self.deadlines = deadlines
         self.machine = self._machine(spec, workdir, nonce, expected_boots)
         self.start_plan = start_plan
+        self.declared = dimensions  # what its maker said it boots (see dimensions())
         self._guest_shell: GuestShell | None = None
 
     def use_machine(
         self, spec: MachineSpec, workdir: Path, *, nonce: str, expected_boots: int
     ) -> Machine:
-        """Put another machine in place before launch (for a :class:`StartPlan`): a restored
-        snapshot's, or the cold boot it falls back to. The nonce goes with the machine."""
-        if self.machine.launched:
-            raise RuntimeError("use_machine: the VM's QEMU was launched already")
+        """Put another machine in place (for a :class:`StartPlan`): a restored snapshot's, or
+        the cold boot it falls back to, also after a restore that failed and was stopped.
+        The nonce goes with the machine."""
+        if self.machine.launched and self.machine.poll() is None:
+            raise RuntimeError("use_machine: the VM's QEMU is running; stop it first")
         self.spec, self.nonce = spec, nonce
         self.machine = self._machine(spec, workdir, nonce, expected_boots)
         return self.machine
@@ -326,6 +360,35 @@ class Vm:
         mark = self.machine.console.recorder.mark("loader-entry")
         return mark.detail if mark is not None else ""
 
+    def dimensions(self) -> Dimensions:
+        """What this VM boots, for reports: the declared dimensions (boot path, initramfs)
+        with what the VM itself knows: its kernel, its disks' controllers and layout, and the
+        kernel warnings its console has shown so far."""
+        found = self.declared
+        if self.kernel is not None:
+            found = replace(
+                found,
+                kernel=self.kernel.name,
+                release=self.kernel.release,
+                kernel_commit=self.kernel.commit or found.kernel_commit,
+                kernel_config=self.kernel.config_digest or found.kernel_config,
+            )
+        # The boot disk's controller first (it is not among the test's own disks).
+        names = [] if self.boot.path.direct else [self.boot.controller]
+        if self.storage is not None:
+            names += [c.name for c in self.storage.plan.controllers]
+            found = replace(found, layout=self.storage.layout or found.layout)
+        if names:
+            found = replace(found, controller=joined(names))
+        return replace(found, kernel_warnings=self.kernel_warnings())
+
+    def kernel_warnings(self) -> tuple[str, ...]:
+        """Each kernel WARNING the console has shown, as one line without its time stamp."""
+        if not self.machine.launched:
+            return ()
+        faults = self.machine.console.recorder.scanner.faults
+        return tuple(warning_line(f.line) for f in faults if f.severity is Severity.WARNING)
+
     @property
     def console(self) -> Console:
         return self.machine.console
@@ -340,6 +403,12 @@ class Vm:
         if not self.machine.launched:
             return started
         return started + self.machine.console.recorder.marks
+
+    def elapsed(self) -> float | None:
+        """Seconds since this VM's QEMU started (the clock of its marks); None before."""
+        if not self.machine.launched:
+            return None
+        return time.monotonic() - self.machine.started
 
     def start(self) -> None:
         """Launch QEMU and let the guest run; wait for the kernel to start /init (or, with
