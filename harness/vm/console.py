@@ -96,9 +96,13 @@ class ConsoleRecorder:
     def _watch(self, line: str, now: float) -> None:
         for name, pattern in self.watches:
             match = pattern.search(line)
-            if match is not None:
-                detail = match.groupdict().get("detail") or match.group(0)
-                self.marks.append(Mark(name, now, detail.strip()[:200]))
+            if match is None:
+                continue
+            detail = (match.groupdict().get("detail") or match.group(0)).strip()[:200]
+            # Two patterns may tell the same thing (GRUB's "Booting `x'" and our own echo).
+            if not any(m.name == name and m.detail == detail for m in self.marks):
+                self.marks.append(Mark(name, now, detail))
+            return
 
     @property
     def text(self) -> str:
