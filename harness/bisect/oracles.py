@@ -34,6 +34,7 @@ from harness.image import initramfs as initramfs_module
 from harness.image.initramfs import InitramfsSpec
 from harness.kernel.provision import Kernel
 from harness.outcome import ConfigError, Outcome
+from harness.storage.bootpaths import BootSpec
 from harness.vm import boot
 from harness.vm.deadlines import Deadlines
 
@@ -85,11 +86,13 @@ class BootOracle:
     deadlines: Deadlines = field(default_factory=Deadlines)
     cmdline: str = ""
     verdicts: VerdictCache | None = None
+    boot: BootSpec = field(default_factory=BootSpec)  # the boot path (default: pvh)
 
     @property
     def identity(self) -> str:
         """What besides the kernel and the initramfs decides the verdict."""
-        return cache.digest(["boot", self.cmdline, repr(self.deadlines)])
+        path = [] if self.boot == BootSpec() else [repr(self.boot)]  # old keys stay valid
+        return cache.digest(["boot", self.cmdline, repr(self.deadlines), *path])
 
     def __call__(self, name: str) -> Observation:
         kernel = self.kernels(name)
@@ -102,7 +105,12 @@ class BootOracle:
             return Observation(hit.outcome, hit.log_path, hit.message, cached=True)
         started = time.monotonic()
         request = boot.BootRequest(
-            kernel, self.spec, accel=self.accel, deadlines=self.deadlines, cmdline=self.cmdline
+            kernel,
+            self.spec,
+            accel=self.accel,
+            deadlines=self.deadlines,
+            cmdline=self.cmdline,
+            boot=self.boot,
         )
         vm = boot.prepare_vm(
             request, cache_root=self.cache_root, workdir=_Workdirs(self.workdir).new(name)

@@ -430,6 +430,7 @@ def _step_boot_oracle(
         deadlines=Deadlines.from_options(boot_args.boot_timeout, boot_args.timeout_multiplier),
         cmdline=boot_args.cmdline,
         verdicts=verdicts,
+        boot=common.boot_spec(boot_args),
     )
     return entry.name, oracle
 

@@ -36,7 +36,8 @@ from harness.kernel.catalogue import (
 from harness.kernel.provision import Kernel
 from harness.outcome import ConfigError, Outcome
 from harness.storage import attach as storage_attach
-from harness.storage import controllers
+from harness.storage import bootpaths, controllers
+from harness.storage.bootpaths import BootSpec
 from harness.storage.controllers import Disk
 from harness.vm.accel import VALID_REQUESTS, KvmFallbackWarning, choose_accelerator
 from harness.vm.boot import BootRequest
@@ -139,6 +140,11 @@ def one_kernel(catalogue: Catalogue, selector: str | None) -> KernelEntry:
     return entries[0]
 
 
+def boot_spec(args: argparse.Namespace) -> BootSpec:
+    """The boot path the options ask for (``--boot-path``, ``--boot-controller``)."""
+    return BootSpec(bootpaths.get(args.boot_path), controller=args.boot_controller)
+
+
 def initramfs_spec(args: argparse.Namespace, after: str | None = None) -> initramfs.InitramfsSpec:
     variables: dict[str, Any] = dict(pairs(args.variables, "--var", "NAME=VALUE"))
     if args.commands:
@@ -146,10 +152,14 @@ def initramfs_spec(args: argparse.Namespace, after: str | None = None) -> initra
     if after is not None:
         variables["after"] = after
     files = {name: Path(host) for name, host in pairs(args.files, "--file", "ARCHIVE_PATH=HOST")}
+    modules = tuple(args.modules)
+    if getattr(args, "boot_path", None) and not bootpaths.get(args.boot_path).direct:
+        # The guest sees the disk it booted from (as the boot fixture does).
+        modules = tuple(dict.fromkeys((*controllers.get(args.boot_controller).modules, *modules)))
     return initramfs.InitramfsSpec(
         template=args.template,
         variables=variables,
-        modules=tuple(args.modules),
+        modules=modules,
         files=files,
         compression=args.compression,
         template_dirs=tuple(args.dirs),
@@ -228,6 +238,18 @@ def add_boot_options(parser: argparse.ArgumentParser) -> None:
         help="seconds for each of the kernel and init phases (default: 60 each)",
     )
     parser.add_argument("--cmdline", default="", metavar="EXTRA", help="extra kernel command line")
+    parser.add_argument(
+        "--boot-path",
+        choices=list(bootpaths.BOOT_PATHS),
+        default=bootpaths.DEFAULT_BOOT_PATH,
+        help="how the machine reaches the kernel (default: pvh)",
+    )
+    parser.add_argument(
+        "--boot-controller",
+        choices=list(controllers.CONTROLLERS),
+        default=bootpaths.DEFAULT_BOOT_CONTROLLER,
+        help="the controller of the boot disk, on paths through one (default: ahci)",
+    )
     parser.add_argument(
         "--workdir",
         type=Path,
@@ -385,6 +407,7 @@ def boot_request(
         overlay=overlay,
         verdict=ConsoleVerdict(tuple(args.expect), tuple(args.fail), args.root_failures),
         markers=args.markers,
+        boot=boot_spec(args) if getattr(args, "boot_path", None) else BootSpec(),
     )
     if not request.prints_markers and not args.expect:
         raise ConfigError(

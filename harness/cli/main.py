@@ -192,7 +192,8 @@ def cmd_boot(args: argparse.Namespace) -> int:
             attach(vm.console.child)
         return 0
     # The report is written as the boot goes (harness.cli.progress): head, phases, outcome.
-    head = boot.header_lines(kernel.name, kernel.release, boot.qemu_version(vm.spec.qemu), accel)
+    qemu = boot.qemu_version(vm.spec.qemu)
+    head = boot.header_lines(kernel.name, kernel.release, qemu, accel, args.boot_path)
     print("\n".join(head), flush=True)
     with BootProgress(vm, sys.stdout, live=sys.stdout.isatty()) as progress:
         result = boot.run(vm, kernel=kernel, accel=accel)

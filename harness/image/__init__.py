@@ -6,6 +6,8 @@
 - :mod:`~harness.image.rootfs`: a minimal busybox root to ``switch_root`` into.
 - :mod:`~harness.image.foreign`: any image's segments, losslessly; extract, repack, overlay.
 - :mod:`~harness.image.mkinitramfs`: Debian's own initramfs-tools images for a cached kernel.
+- :mod:`~harness.image.bootdisk`: bootable disks without root: GRUB on MBR, EFI partitions,
+  ``grub.cfg`` from a Jinja2 template.
 
 May import the foundation and :mod:`harness.kernel`.
 """

@@ -40,6 +40,7 @@ from harness.report.model import (
     write_atomic,
 )
 from harness.vm.boot import Vm, qemu_version
+from harness.vm.dimensions import DEFAULT_BOOT_PATH
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ def build_record(
         test=getattr(item, "originalname", item.name),
         kernel=param_name(params.get("kernel")),
         controller=param_name(params.get("controller")),
+        boot_path=param_name(params.get("boot_path")) or DEFAULT_BOOT_PATH,
         template=template_id(param_name(params.get("template"))),
         params=str(getattr(callspec, "id", "")),
         outcome=state.outcome,
@@ -128,6 +130,7 @@ def build_record(
         record.boot_mechanism = vm.boot_mechanism
         record.load_factor = float(vm.load_factor)
         record.phases = first_marks(vm.marks)
+        record.boot_entry = vm.boot_entry
         record.console_logs = [str(v.machine.console_log) for v in vms]
     return record
 

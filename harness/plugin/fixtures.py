@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import pytest
 
 from harness.image import initramfs
+from harness.image.bootdisk import Menu
 from harness.image.foreign import OverlayFiles
 from harness.image.initramfs import Initramfs, InitramfsSpec
 from harness.image.templates import DEFAULT_TEMPLATE
@@ -26,6 +27,8 @@ from harness.outcome import ConfigError, HarnessError
 from harness.plugin.settings import Settings, matrix_key, passed_key, settings_key, vms_key
 from harness.snapshot import restore as snapshots
 from harness.storage import attach as storage
+from harness.storage import bootpaths, controllers
+from harness.storage.bootpaths import BootPath, BootSpec
 from harness.storage.controllers import Disk
 from harness.vm import accel, loadscale
 from harness.vm.boot import BootRequest, Vm, prepare_vm
@@ -69,6 +72,12 @@ class BootVm(Protocol):
         root_failures: bool | None = ...,
         overlay: OverlayFiles | None = ...,
         template_dirs: Sequence[Path] = ...,
+        boot_path: str | BootPath | None = ...,
+        boot_controller: str = ...,
+        menu: Menu | None = ...,
+        entry: int | str | None = ...,
+        select: str = ...,
+        boot_files: Mapping[str, Path] | None = ...,
         **machine_options: Any,
     ) -> Vm: ...
 
@@ -216,6 +225,15 @@ def boot(
     ``{# bootharness: markers=off #}``) the expect patterns in order are success and the
     fail patterns plus the shipped root-failure table (``root_failures``) are TEST_FAIL.
     ``overlay`` appends an archive of files to the image (:func:`harness.image.foreign.overlay`).
+
+    The boot path is ``boot_path=`` (a name or :class:`~harness.storage.bootpaths.BootPath`),
+    else the ``boot_path`` fixture's when the test uses it, else the only name of a
+    ``boot_paths`` marker, else ``pvh``. Through a disk (bios-grub, uefi-grub, uefi-stub) the
+    boot disk hangs off ``boot_controller`` (its driver joins the initramfs: the guest sees
+    the disk it booted from), ``menu=`` replaces the one-entry GRUB menu, ``entry=`` (index
+    or title) picks what boots, ``select="keys"`` types the choice at GRUB's menu instead of
+    making it the default, and ``boot_files=`` adds files (guest path -> host file). A kernel
+    the path cannot boot (uefi-stub without CONFIG_EFI_STUB) skips the test with the reason.
     """
     settings = _settings(request)
     vms: list[Vm] = []
@@ -241,9 +259,37 @@ def boot(
         root_failures: bool | None = None,
         overlay: OverlayFiles | None = None,
         template_dirs: Sequence[Path] = (),
+        boot_path: str | BootPath | None = None,
+        boot_controller: str = bootpaths.DEFAULT_BOOT_CONTROLLER,
+        menu: Menu | None = None,
+        entry: int | str | None = None,
+        select: str = bootpaths.SELECT_DEFAULT,
+        boot_files: Mapping[str, Path] | None = None,
         **machine_options: Any,
     ) -> Vm:
         vm_dir = bootharness_workdir / f"vm{len(vms)}"
+        path = _chosen_boot_path(request, boot_path)
+        lacking_path = bootpaths.lacks_reason(path, kernel)
+        if lacking_path is not None:
+            pytest.skip(lacking_path)
+        boot_spec = BootSpec(
+            path,
+            controller=boot_controller,
+            menu=menu,
+            entry=entry,
+            select=select,
+            files=dict(boot_files or {}),
+        )
+        if not path.direct and initrd is None:
+            # The guest sees the disk it booted from: its controller's driver joins our
+            # initramfs (a kernel without it skips the test, as for any disk).
+            boot_ctl = controllers.get(boot_controller)
+            lacking = capabilities.lacks_reason(
+                kernel, {f"boot disk controller {boot_ctl.name}": boot_ctl.config}
+            )
+            if lacking is not None:
+                pytest.skip(lacking)
+            modules = (*boot_ctl.modules, *modules)
         disk_setup = None
         if initrd is not None:
             if template != DEFAULT_TEMPLATE or variables or modules or files:
@@ -288,10 +334,12 @@ def boot(
             overlay=dict(overlay or {}),
             verdict=ConsoleVerdict(tuple(expect), tuple(fail), root_failures),
             markers=markers,
+            boot=boot_spec,
         )
         # Snapshots (harness/snapshot/restore.py): every restore attaches its own overlays.
-        # They resume at our init's ready point, which an init without markers has not.
-        mode = _snapshot_mode(request, settings, snapshot)
+        # They resume at our init's ready point, which an init without markers has not; a
+        # restored guest skips its firmware and loader: boot paths through them boot cold.
+        mode = _snapshot_mode(request, settings, snapshot) if path.direct else "off"
         if mode != "off" and not boot_request.prints_markers:
             if snapshot:
                 raise ConfigError(
@@ -315,6 +363,24 @@ def boot(
         vm.stop()
 
 
+def _chosen_boot_path(request: pytest.FixtureRequest, asked: str | BootPath | None) -> BootPath:
+    """``boot(boot_path=...)``, else the ``boot_path`` fixture's, else a one-name
+    ``boot_paths`` marker's, else the default (pvh)."""
+    try:
+        if asked is not None:
+            return bootpaths.get(asked)
+        if "boot_path" in request.fixturenames:
+            chosen = request.getfixturevalue("boot_path")
+            if isinstance(chosen, BootPath):
+                return chosen
+        marker = request.node.get_closest_marker("boot_paths")
+        if marker is not None and len(marker.args) == 1 and marker.args[0] != bootpaths.ALL:
+            return bootpaths.get(str(marker.args[0]))
+    except ConfigError as error:
+        raise pytest.UsageError(f"{request.node.nodeid}: {error}") from error
+    return bootpaths.get(bootpaths.DEFAULT_BOOT_PATH)
+
+
 def _load_factor(request: pytest.FixtureRequest) -> float:
     matrix_settings = request.config.stash.get(matrix_key, None)
     if matrix_settings is not None and not matrix_settings.load_scaling:
@@ -329,6 +395,18 @@ def controller(request: pytest.FixtureRequest) -> Any:
     if getattr(request, "param", None) is None:
         pytest.skip("no controller selected")
     return request.param
+
+
+@pytest.fixture
+def boot_path(request: pytest.FixtureRequest) -> BootPath:
+    """The boot path under test (a :class:`harness.storage.bootpaths.BootPath`), parametrized
+    over ``--boot-path NAME|all`` (default: pvh); ids show its name. ``boot(...)`` boots
+    through it unless told otherwise."""
+    if getattr(request, "param", None) is None:
+        pytest.skip("no boot path selected")
+    chosen = request.param
+    assert isinstance(chosen, BootPath)
+    return chosen
 
 
 @pytest.fixture

@@ -230,6 +230,11 @@ def _register_matrix_parts(config: pytest.Config) -> None:
         "markers", "controllers(*names): run this test only on these disk controllers"
     )
     config.addinivalue_line("markers", "templates(*names): run this test only with these templates")
+    config.addinivalue_line(
+        "markers",
+        "boot_paths(*names, widen=False): run this test only on these boot paths (all: every "
+        "one); widen=True: without --boot-path, on all of them, not just the default",
+    )
     config.pluginmanager.register(matrix.MatrixPlugin(settings), "bootharness-matrix")
     config.pluginmanager.register(recorder.Recorder(settings), "bootharness-recorder")
     wants_files = settings.json_path is not None or settings.html_path is not None

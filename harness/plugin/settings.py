@@ -19,7 +19,7 @@ from harness.kernel.catalogue import Catalogue
 from harness.outcome import ConfigError
 from harness.report.view import COLUMN_DIMENSIONS
 from harness.snapshot.restore import MODES
-from harness.storage import controllers
+from harness.storage import bootpaths, controllers
 from harness.vm.accel import VALID_REQUESTS
 from harness.vm.boot import Vm
 from harness.vm.deadlines import Deadlines
@@ -50,6 +50,7 @@ class MatrixSettings:
     """Matrix choices and report options of the run (in ``config.stash[matrix_key]``)."""
 
     controllers: tuple[str, ...] = ()
+    boot_paths: tuple[str, ...] = ()
     templates: tuple[str, ...] = ()
     infra_retries: int = 1
     load_scaling: bool = True
@@ -159,6 +160,9 @@ def read_matrix_settings(config: pytest.Config) -> MatrixSettings:
         controllers=split_values(
             config.getoption("controller") or config.getini("bootharness_controller")
         ),
+        boot_paths=split_values(
+            config.getoption("boot_path") or config.getini("bootharness_boot_path")
+        ),
         templates=split_values(
             config.getoption("template") or config.getini("bootharness_template")
         ),
@@ -179,6 +183,7 @@ def read_matrix_settings(config: pytest.Config) -> MatrixSettings:
     )
     try:
         controllers.select(settings.controllers)
+        bootpaths.select(settings.boot_paths)
         templates.select(settings.templates)
     except ConfigError as error:
         raise pytest.UsageError(str(error)) from error

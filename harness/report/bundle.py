@@ -121,6 +121,15 @@ def write(
     for name in VM_FILES:
         with contextlib.suppress(FileNotFoundError):
             shutil.copyfile(workdir / name, target / name)
+    # A boot through firmware and a boot loader reads the bzImage from its boot disk (the
+    # disk and the firmware's variable store are in the VM folder's files and argv).
+    image = spec.kernel if spec.kernel is not None else getattr(kernel, "vmlinuz", None)
+    if spec.kernel is None:
+        image_kind = "boot-disk"
+    elif kernel is not None and spec.kernel == kernel.vmlinuz:
+        image_kind = "vmlinuz"
+    else:
+        image_kind = "vmlinux"
     data: dict[str, Any] = {
         "format": FORMAT,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -133,11 +142,9 @@ def write(
             "version": str(getattr(kernel, "version", "")),
             "source": kernel_source,
             "identity": kernel.identity if kernel is not None else "",
-            "image": str(spec.kernel),
-            "image_kind": "vmlinuz"
-            if kernel is not None and spec.kernel == kernel.vmlinuz
-            else "vmlinux",
-            "image_digest": cache.file_digest(Path(spec.kernel)),
+            "image": str(image or ""),
+            "image_kind": image_kind,
+            "image_digest": cache.file_digest(Path(image)) if image is not None else "",
         },
         "initramfs": {
             "file": INITRAMFS if initrd is not None else "",

@@ -30,7 +30,7 @@ from harness.outcome import Outcome
 from harness.report import history, view
 from harness.report.model import ERROR, SKIPPED, Results, TestRecord
 from harness.report.view import COLUMN_DIMENSIONS, TITLES, Label
-from harness.vm.dimensions import OURS, SEPARATOR
+from harness.vm.dimensions import DEFAULT_BOOT_PATH, OURS, SEPARATOR
 
 COLOURS = {
     Outcome.PASS.name: "#2e7d32",
@@ -94,7 +94,7 @@ def rerun_command(record: TestRecord) -> str:
     """The pytest command that runs this test again, on this one cell of the matrix.
 
     The matrix options are part of it: a parametrized node id exists only when the run
-    selects its kernel, controller and template. A controller goes in only when it is one
+    selects its kernel, controller, boot path and template. A controller goes in only when it is one
     (``--controller`` takes no ``ahci+nvme``), a template only for our own initramfs.
     """
     argv = ["pytest", record.nodeid]
@@ -102,6 +102,7 @@ def rerun_command(record: TestRecord) -> str:
     for option, value in (
         ("--kernel", record.kernel),
         ("--controller", single),
+        ("--boot-path", record.boot_path if record.boot_path != DEFAULT_BOOT_PATH else ""),
         ("--template", record.template if record.initramfs == OURS else ""),
     ):
         if value:

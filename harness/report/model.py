@@ -37,14 +37,20 @@ FORMAT = "bootharness-results-1"
 SKIPPED = "SKIPPED"
 ERROR = "ERROR"  # a fixture or harness bug (not a HarnessError): never retried
 # Points of progress whose time goes into junit properties and the phase chart.
-PHASE_MARKS = ("first-byte", "kernel-banner", "INIT-START", "PASS", "shutdown")
-# Phases of the chart: (name, from mark, to mark).
+PHASE_MARKS = ("first-byte", "firmware-done", "kernel-banner", "INIT-START", "PASS", "shutdown")
+# Phases of the chart: (name, from mark, to mark). On every boot path the firmware phase ends
+# when the firmware hands over: OVMF says so ("firmware-done"); SeaBIOS prints nothing, so
+# there it ends at the first console byte, the loader's or (QEMU loading the kernel) the
+# kernel's. The loader phase (GRUB, the EFI shell) runs to the kernel's banner and exists
+# only on paths with a loader; there the kernel phase starts at the banner.
 PHASES = (
-    ("firmware", "qemu-started", "first-byte"),
-    ("kernel", "first-byte", "INIT-START"),
+    ("firmware", "qemu-started", "firmware-done"),
+    ("loader", "firmware-done", "kernel-banner"),
+    ("kernel", "kernel-start", "INIT-START"),
     ("init", "INIT-START", "PASS"),
     ("shutdown", "PASS", "shutdown"),
 )
+_LOADER_MARKS = ("firmware-done", "loader-entry")
 EXCERPT_LINES = 25
 
 
@@ -71,6 +77,7 @@ class TestRecord:
     layout: str = ""
     kernel_warnings: list[str] = field(default_factory=list)
     params: str = ""  # the parameter id of the test (pytest's callspec id), "" for none
+    boot_entry: str = ""  # the boot loader's menu entry that booted (not a dimension)
     outcome: str = Outcome.PASS.name
     message: str = ""
     excerpt: str = ""
@@ -157,8 +164,16 @@ class TestRecord:
 def phase_split(phases: Mapping[str, float]) -> dict[str, float]:
     """Durations of the phases whose start and end marks are both present."""
     marks = {"qemu-started": 0.0, **phases}
+    loader = any(name in phases for name in _LOADER_MARKS)
+    if "first-byte" in marks:
+        marks.setdefault("firmware-done", marks["first-byte"])
+    kernel_start = "kernel-banner" if loader else "first-byte"
+    if kernel_start in marks:
+        marks["kernel-start"] = marks[kernel_start]
     split: dict[str, float] = {}
     for name, start, end in PHASES:
+        if name == "loader" and not loader:
+            continue
         if start in marks and end in marks:
             split[name] = max(0.0, round(marks[end] - marks[start], 3))
     return split
@@ -202,6 +217,7 @@ def junit_properties(record: TestRecord) -> list[tuple[str, str]]:
         ("generator", record.generator),
         ("layout", record.layout),
         ("kernel_warnings", "\n".join(record.kernel_warnings)),
+        ("boot_entry", record.boot_entry),
         ("load_factor", f"{record.load_factor:g}"),
         ("attempts", str(record.attempts)),
     ]

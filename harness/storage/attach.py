@@ -127,3 +127,19 @@ def plan(
         found = (wanted,) if wanted else tuple(i.fstype for i in images if i.fstype)
         fstypes = tuple(dict.fromkeys(found))
     return Storage(placed, images, fstypes)
+
+
+def with_boot_disk(storage: Storage | None, disk: Disk, *, machine: str = "pc") -> Storage:
+    """``storage`` plus the boot disk ``disk``, placed after the test's own disks (their
+    indices, drive ids and units stay as planned; the boot disk's ``bootindex`` puts it first
+    for the firmware).
+
+    Raises:
+        ConfigError: see :func:`harness.storage.controllers.plan`.
+    """
+    others = [] if storage is None else [a.disk for a in storage.plan.attachments]
+    placed = controllers.plan([*others, disk], machine=machine)
+    image = disk.image if isinstance(disk.image, DiskImage) else DiskImage.open(Path(disk.image))
+    images = () if storage is None else storage.images
+    fstypes = () if storage is None else storage.fstypes
+    return Storage(placed, (*images, image), fstypes)

@@ -244,6 +244,7 @@ class Disk:
     serial: str | None = None
     media: str = "disk"
     overlay: Path | None = None
+    bootindex: int | None = None  # the firmware's boot order (0 first); None: not bootable
 
 
 @dataclass(frozen=True)
@@ -292,9 +293,12 @@ class Plan:
         """``-device`` values: controllers first, then one per disk."""
         devices = list(self.controller_devices)
         for a in self.attachments:
-            devices.append(
-                a.controller.drive_arg(a.instance_id, a.drive_id, a.unit, a.serial, a.disk.media)
+            device = a.controller.drive_arg(
+                a.instance_id, a.drive_id, a.unit, a.serial, a.disk.media
             )
+            if a.disk.bootindex is not None:
+                device += f",bootindex={a.disk.bootindex}"
+            devices.append(device)
         return devices
 
     def drive_args(

@@ -34,8 +34,11 @@ from harness.outcome import (
     Outcome,
     TestFailure,
 )
-from harness.storage.attach import Storage
-from harness.vm import exitcode, power
+from harness.storage import bootpaths, firmware
+from harness.storage.attach import Storage, with_boot_disk
+from harness.storage.bootpaths import BootSpec
+from harness.storage.controllers import Disk
+from harness.vm import exitcode, loader, power
 from harness.vm.console import Console, ConsoleClosed, Mark, marker_regex
 from harness.vm.deadlines import DEFAULT_DEADLINES, Deadlines
 from harness.vm.dimensions import FOREIGN, UNKNOWN, Dimensions, joined, warning_line
@@ -111,6 +114,7 @@ class BootRequest:
     overlay: OverlayFiles = field(default_factory=dict)
     verdict: ConsoleVerdict = field(default_factory=ConsoleVerdict)
     markers: bool | None = None
+    boot: BootSpec = field(default_factory=BootSpec)  # the boot path (default: pvh)
 
     @property
     def prints_markers(self) -> bool:
@@ -126,14 +130,18 @@ class BootRequest:
         spec = self.initramfs
         return templates.prints_markers(spec.template, extra_dirs=spec.template_dirs)
 
-    def options_for(self, workdir: Path) -> dict[str, Any]:
-        """The machine options with this request's disks attached in ``workdir``."""
+    def options_for(self, workdir: Path, storage: Storage | None = None) -> dict[str, Any]:
+        """The machine options with this request's disks (or ``storage``) attached in
+        ``workdir``, and the boot path's firmware (OVMF's variable store copied there)."""
         options = dict(self.machine_options)
-        if self.storage is not None:
-            options["extra_args"] = (
-                *self.storage.attach(workdir),
-                *self.machine_options.get("extra_args", ()),
-            )
+        disks = storage if storage is not None else self.storage
+        machine = str(options.get("machine", "pc"))
+        chosen = firmware.get(self.boot.path.firmware, machine)
+        extra = [*chosen.qemu_args(workdir)]
+        if disks is not None:
+            extra += disks.attach(workdir)
+        if extra:
+            options["extra_args"] = (*extra, *self.machine_options.get("extra_args", ()))
         return options
 
 
@@ -166,15 +174,33 @@ def cold_machine(
     if request.overlay:
         image_path = overlaid_image(image_path, request.overlay, cache_root)
     nonce = new_nonce()
-    machine = machine_spec(
-        kernel,
-        image_path,
-        nonce=nonce,
-        accel=request.accel,
-        cmdline=request.cmdline,
-        **request.options_for(workdir),
+    path = request.boot.path
+    if path.direct:
+        machine = machine_spec(
+            kernel,
+            image_path,
+            nonce=nonce,
+            accel=request.accel,
+            cmdline=request.cmdline,
+            prefer_vmlinux=path.kernel_image == "vmlinux",
+            **request.options_for(workdir),
+        )
+        return machine, nonce
+    # Through firmware: the kernel and initramfs go onto a boot disk of this VM's own, whose
+    # loader passes the command line with this boot's nonce.
+    disk_image = bootpaths.build_disk(
+        request.boot,
+        workdir,
+        kernel=kernel,
+        initrd=image_path,
+        cmdline=full_cmdline(kernel, nonce, request.cmdline),
+        cache_root=cache_root,
     )
-    return machine, nonce
+    machine_type = str(request.machine_options.get("machine", "pc"))
+    boot_disk = Disk(disk_image, request.boot.controller, bootindex=0, serial="bh-boot")
+    storage = with_boot_disk(request.storage, boot_disk, machine=machine_type)
+    options = request.options_for(workdir, storage)
+    return MachineSpec(kernel=None, accel=request.accel, **options), nonce
 
 
 def overlaid_image(image: Path, files: OverlayFiles, cache_root: Path) -> Path:
@@ -227,8 +253,16 @@ def vm_for(
         start_plan=start_plan,
         verdict=request.verdict,
         markers=request.prints_markers,
+        boot=request.boot,
         dimensions=declared_dimensions(request, booted=spec.initrd),
     )
+
+
+def full_cmdline(kernel: Kernel, nonce: str, cmdline: str = "") -> str:
+    """The kernel command line of one boot: the harness's base, the nonce, the kernel's own
+    and the test's extra words."""
+    words = [BASE_CMDLINE, f"{NONCE_PARAMETER}={nonce}", kernel.cmdline, cmdline]
+    return " ".join(w for w in words if w)
 
 
 def declared_dimensions(request: BootRequest, *, booted: Path | None = None) -> Dimensions:
@@ -239,14 +273,16 @@ def declared_dimensions(request: BootRequest, *, booted: Path | None = None) -> 
     prebuilt image is ``foreign``, with the digest of the file as booted (``booted``: with its
     overlay, when it has one) and the generator its content shows.
     """
+    path = request.boot.path.name
     if request.initrd is not None:
         image = booted or request.initrd
         return Dimensions(
             initramfs=FOREIGN,
             initramfs_digest=foreign.image_digest(image)[:12],
             generator=foreign.generator_of(request.initrd),
+            boot_path=path,
         )
-    return Dimensions(template=request.initramfs.template.removesuffix(".j2"))
+    return Dimensions(template=request.initramfs.template.removesuffix(".j2"), boot_path=path)
 
 
 def machine_spec(
@@ -262,9 +298,8 @@ def machine_spec(
     """The fast-defaults machine for ``kernel``: vmlinux through PVH when it has the entry."""
     image = (kernel.vmlinux() if prefer_vmlinux else None) or kernel.vmlinuz
     initrd = initramfs.path if isinstance(initramfs, Initramfs) else initramfs
-    words = [BASE_CMDLINE, f"{NONCE_PARAMETER}={nonce}", kernel.cmdline, cmdline]
-    full_cmdline = " ".join(w for w in words if w)
-    return MachineSpec(kernel=image, initrd=initrd, cmdline=full_cmdline, accel=accel, **options)
+    line = full_cmdline(kernel, nonce, cmdline)
+    return MachineSpec(kernel=image, initrd=initrd, cmdline=line, accel=accel, **options)
 
 
 @dataclass
@@ -280,6 +315,8 @@ class BootResult:
     log_path: Path | None = None
     qemu_version: str = ""
     error: HarnessError | None = None
+    boot_path: str = bootpaths.DEFAULT_BOOT_PATH
+    boot_entry: str = ""  # the boot loader's menu entry that booted, when there was one
 
     @property
     def boot_time(self) -> float | None:
@@ -294,7 +331,9 @@ class BootResult:
 
     def header_lines(self) -> list[str]:
         """What booted, known before the boot starts; ends with the ``phases:`` heading."""
-        return header_lines(self.kernel, self.release, self.qemu_version, self.accel)
+        return header_lines(
+            self.kernel, self.release, self.qemu_version, self.accel, self.boot_path
+        )
 
     def end_lines(self) -> list[str]:
         """The outcome, the console log and, for a failure, its evidence."""
@@ -308,9 +347,16 @@ class BootResult:
         return lines
 
 
-def header_lines(kernel: str, release: str, qemu: str, accel: str) -> list[str]:
+def header_lines(
+    kernel: str, release: str, qemu: str, accel: str, boot_path: str = bootpaths.DEFAULT_BOOT_PATH
+) -> list[str]:
     """The head of a boot report (see :meth:`BootResult.render`)."""
-    return [f"kernel:   {kernel} ({release})", f"qemu:     {qemu}, accel {accel}", "phases:"]
+    return [
+        f"kernel:   {kernel} ({release})",
+        f"qemu:     {qemu}, accel {accel}",
+        f"boot:     {boot_path}",
+        "phases:",
+    ]
 
 
 def mark_line(mark: Mark) -> str:
@@ -343,9 +389,11 @@ class Vm:
         start_plan: StartPlan | None = None,
         verdict: ConsoleVerdict | None = None,
         markers: bool = True,
+        boot: BootSpec | None = None,
         dimensions: Dimensions = UNKNOWN,
     ) -> None:
         self.spec = spec
+        self.boot = boot or BootSpec()  # the boot path and, through a disk, menu and entry
         self.kernel = kernel  # what it boots, for reports (None for a hand-made spec)
         self.storage = storage  # the disks attached, when the test gave some
         self.load_factor = load_factor  # how much the machine's load stretched the deadlines
@@ -376,6 +424,9 @@ class Vm:
     def _new_machine(
         self, spec: MachineSpec, workdir: Path, nonce: str, expected_boots: int
     ) -> Machine:
+        # Through firmware, the console also tells the firmware's hand-over and GRUB's entry
+        # and errors: marks for the report and reasons for a failure.
+        watches = () if self.boot.path.direct else bootpaths.LOADER_MARKS
         return Machine(
             spec,
             workdir,
@@ -383,7 +434,16 @@ class Vm:
             expected_boots=expected_boots,
             failure_rows=self.verdict.failure_rows(markers=self.markers),
             kernel_phases=not self.markers,
+            watches=watches,
         )
+
+    @property
+    def boot_entry(self) -> str:
+        """The title of the menu entry the boot loader booted ("" without a loader)."""
+        if not self.machine.launched:
+            return ""
+        mark = self.machine.console.recorder.mark("loader-entry")
+        return mark.detail if mark is not None else ""
 
     def dimensions(self) -> Dimensions:
         """What this VM boots, for reports: the declared dimensions (boot path, initramfs)
@@ -398,12 +458,13 @@ class Vm:
                 kernel_commit=self.kernel.commit or found.kernel_commit,
                 kernel_config=self.kernel.config_digest or found.kernel_config,
             )
+        # The boot disk's controller first (it is not among the test's own disks).
+        names = [] if self.boot.path.direct else [self.boot.controller]
         if self.storage is not None:
-            found = replace(
-                found,
-                controller=joined(c.name for c in self.storage.plan.controllers),
-                layout=self.storage.layout or found.layout,
-            )
+            names += [c.name for c in self.storage.plan.controllers]
+            found = replace(found, layout=self.storage.layout or found.layout)
+        if names:
+            found = replace(found, controller=joined(names))
         return replace(found, kernel_warnings=self.kernel_warnings())
 
     def kernel_warnings(self) -> tuple[str, ...]:
@@ -448,10 +509,30 @@ class Vm:
 
     def boot_cold(self) -> None:
         """Launch QEMU from the firmware and wait for the kernel to start /init (the init's
-        INIT-START marker, or without markers the kernel's "Run /init as init process")."""
+        INIT-START marker, or without markers the kernel's "Run /init as init process"); on
+        a path through firmware and a loader, drive the loader phase in between."""
         self.machine.launch()
         self.machine.resume()
-        self._expect(re.compile(r"[\s\S]"), "firmware")
+        path = self.boot.path
+        handover = path.firmware_done or re.compile(r"[\s\S]")
+        seen = self._expect(
+            handover, "firmware", self.deadlines.of("firmware") * path.firmware_factor
+        )
+        if path.wrong_handover and path.wrong_handover in seen.group(0):
+            raise TestFailure(
+                f"the firmware found no boot loader on the disk and started {seen.group(0)!r}",
+                self.evidence("firmware"),
+            )
+        if path.loader:
+            try:
+                loader.run_loader(
+                    self.machine.console,
+                    self.boot.prompts(self.kernel.name if self.kernel is not None else ""),
+                    timeout=self.deadlines.of("loader"),
+                    evidence=self.evidence,
+                )
+            except ConsoleClosed:
+                raise self._closed_error("loader") from None
         if self.markers:
             self.expect_marker("INIT-START", phase="kernel")
         else:
@@ -615,4 +696,6 @@ def run(vm: Vm, *, kernel: Kernel, accel: str, wait_shutdown: bool = True) -> Bo
         log_path=vm.machine.console_log,
         qemu_version=qemu_version(vm.spec.qemu),
         error=error,
+        boot_path=vm.boot.path.name,
+        boot_entry=vm.boot_entry,
     )

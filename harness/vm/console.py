@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 MARKER_PREFIX = "[bootharness:"
 _BANNER = re.compile(r"Linux version \S+")
+# Terminal escapes firmware and boot loaders draw with (vt100 cursor moves and colours).
+ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-9;=?]*[A-Za-z]|[()][0-9A-Za-z])")
 # How long to keep reading after a fault so the excerpt holds the whole trace.
 FAULT_GRACE = 0.5
 # How long to keep reading after a failure pattern matched: a kernel fault that follows it
@@ -59,6 +61,9 @@ class ConsoleRecorder:
     nonce: str
     expected_boots: InitVar[int] = 1
     marks: list[Mark] = field(default_factory=list)
+    # (mark name, pattern) looked for in each line before the first kernel banner, escapes
+    # removed: the firmware's and the boot loader's progress (harness.storage.bootpaths).
+    watches: tuple[tuple[str, re.Pattern[str]], ...] = ()
     scanner: faults.FaultScanner = field(init=False)
     # Failure patterns and kernel phase marks, for inits without markers (harness.vm.patterns).
     watcher: LineWatcher | None = None
@@ -89,12 +94,25 @@ class ConsoleRecorder:
         return
 
     def _note_line(self, line: str, now: float) -> None:
+        if self.watches and self.mark("kernel-banner") is None:
+            self._watch(ANSI_ESCAPE.sub("", line), now)
         if MARKER_PREFIX in line:
             marker = parse_marker(line, self.nonce)
             if marker is not None:
                 self.marks.append(Mark(marker[0], now, marker[1]))
         elif "Linux version" in line and _BANNER.search(line):
             self.marks.append(Mark("kernel-banner", now))
+
+    def _watch(self, line: str, now: float) -> None:
+        for name, pattern in self.watches:
+            match = pattern.search(line)
+            if match is None:
+                continue
+            detail = (match.groupdict().get("detail") or match.group(0)).strip()[:200]
+            # Two patterns may tell the same thing (GRUB's "Booting `x'" and our own echo).
+            if not any(m.name == name and m.detail == detail for m in self.marks):
+                self.marks.append(Mark(name, now, detail))
+            return
 
     @property
     def text(self) -> str:

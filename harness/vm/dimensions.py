@@ -18,7 +18,9 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-DEFAULT_BOOT_PATH = "pvh"
+from harness.storage import bootpaths
+
+DEFAULT_BOOT_PATH = bootpaths.DEFAULT_BOOT_PATH  # the path boots took before there were others
 OURS = "ours"  # an initramfs built by the harness from a template
 FOREIGN = "foreign"  # a prebuilt image (a user's, or one a distribution's generator made)
 SEPARATOR = "+"  # joins several values of one dimension: "ahci+nvme"

@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -45,7 +46,7 @@ KILL_GRACE = 5.0
 class MachineSpec:
     """What to boot and on which virtual hardware. Pure data; :meth:`argv` renders it."""
 
-    kernel: Path
+    kernel: Path | None  # None: the firmware boots from a disk (harness.storage.bootpaths)
     initrd: Path | None = None
     cmdline: str = ""
     accel: str = "tcg"
@@ -97,11 +98,12 @@ class MachineSpec:
             argv += ["-nic", "user,model=virtio-net-pci"]
         elif not self.nodefaults:
             argv += ["-nic", "none"]
-        argv += ["-kernel", str(self.kernel)]
-        if self.initrd is not None:
-            argv += ["-initrd", str(self.initrd)]
-        if self.cmdline:
-            argv += ["-append", self.cmdline]
+        if self.kernel is not None:
+            argv += ["-kernel", str(self.kernel)]
+            if self.initrd is not None:
+                argv += ["-initrd", str(self.initrd)]
+            if self.cmdline:
+                argv += ["-append", self.cmdline]
         for device in self.devices:
             argv += ["-device", device]
         argv += list(self.extra_args)
@@ -140,6 +142,7 @@ class Machine:
         expected_boots: int = 1,
         failure_rows: Sequence[FailurePattern] = (),
         kernel_phases: bool = False,
+        watches: tuple[tuple[str, re.Pattern[str]], ...] = (),
     ):
         self.spec = spec
         self.workdir = workdir
@@ -149,6 +152,7 @@ class Machine:
         # to watch for, and whether the kernel's own messages mark the phases.
         self.failure_rows = tuple(failure_rows)
         self.kernel_phases = kernel_phases
+        self.watches = watches  # console patterns of the firmware and loader to mark
         self.argv: list[str] = []
         self.started = 0.0
         self.process: subprocess.Popen[bytes] | None = None
@@ -233,7 +237,9 @@ class Machine:
         watcher = None
         if self.failure_rows or self.kernel_phases:
             watcher = LineWatcher(self.failure_rows, phases=self.kernel_phases)
-        recorder = ConsoleRecorder(self.started, self.nonce, self.expected_boots, watcher=watcher)
+        recorder = ConsoleRecorder(
+            self.started, self.nonce, self.expected_boots, watcher=watcher, watches=self.watches
+        )
         self._console = Console(
             console_ours,
             recorder,
