@@ -31,6 +31,7 @@ from harness.kernel.provision import Kernel
 from harness.outcome import ConfigError, Outcome
 from harness.vm import boot
 from harness.vm.deadlines import Deadlines
+from harness.vm.kernel_warnings import WarningPolicy
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +81,15 @@ class BootOracle:
     deadlines: Deadlines = field(default_factory=Deadlines)
     cmdline: str = ""
     verdicts: VerdictCache | None = None
+    kernel_warnings: WarningPolicy = field(default_factory=WarningPolicy)
 
     @property
     def identity(self) -> str:
         """What besides the kernel and the initramfs decides the verdict."""
-        return cache.digest(["boot", self.cmdline, repr(self.deadlines)])
+        parts = ["boot", self.cmdline, repr(self.deadlines)]
+        if self.kernel_warnings != WarningPolicy():  # the default keeps the keys it had
+            parts.append(repr(self.kernel_warnings))
+        return cache.digest(parts)
 
     def __call__(self, name: str) -> Observation:
         kernel = self.kernels(name)
@@ -97,7 +102,12 @@ class BootOracle:
             return Observation(hit.outcome, hit.log_path, hit.message, cached=True)
         started = time.monotonic()
         request = boot.BootRequest(
-            kernel, self.spec, accel=self.accel, deadlines=self.deadlines, cmdline=self.cmdline
+            kernel,
+            self.spec,
+            accel=self.accel,
+            deadlines=self.deadlines,
+            cmdline=self.cmdline,
+            kernel_warnings=self.kernel_warnings,
         )
         vm = boot.prepare_vm(
             request, cache_root=self.cache_root, workdir=_Workdirs(self.workdir).new(name)

@@ -34,6 +34,9 @@ from harness.kernel.catalogue import (
 )
 from harness.outcome import ConfigError, Outcome
 from harness.vm.accel import VALID_REQUESTS, KvmFallbackWarning, choose_accelerator
+from harness.vm.kernel_warnings import DEFAULT_MODE as DEFAULT_WARNING_MODE
+from harness.vm.kernel_warnings import MODES as WARNING_MODES
+from harness.vm.kernel_warnings import WarningPolicy, policy
 
 USAGE_EXIT = Outcome.CONFIG_ERROR.cli_exit
 ESCAPE = b"\x1d"  # Ctrl-], as telnet and virsh console use
@@ -221,11 +224,35 @@ def add_boot_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cmdline", default="", metavar="EXTRA", help="extra kernel command line")
     parser.add_argument(
+        "--kernel-warnings",
+        choices=WARNING_MODES,
+        default=DEFAULT_WARNING_MODE,
+        help="what kernel warnings (WARN, lockdep, sleeping in atomic context, RCU stalls, "
+        "hung tasks) do: fail the boot, report them (default), or ignore them",
+    )
+    parser.add_argument(
+        "--kernel-warnings-allowlist",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="known warnings ([[warning]] tables with regex and reason): never fail a boot",
+    )
+    parser.add_argument(
         "--workdir",
         type=Path,
         metavar="DIR",
         help="folder for the run's files (default: under <cache>/runs)",
     )
+
+
+def warnings_policy(args: argparse.Namespace) -> WarningPolicy:
+    """The kernel warnings policy of a boot's options (see :func:`add_boot_options`).
+
+    Raises:
+        ConfigError: an allowlist file is unreadable or invalid.
+    """
+    return policy(args.kernel_warnings, args.kernel_warnings_allowlist)
 
 
 def accelerator(requested: str, root: Path) -> str:

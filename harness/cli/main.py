@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from harness.cli import bisect as bisect_commands
+from harness.cli import build as build_commands
 from harness.cli import matrix as matrix_commands
 from harness.cli import report as report_commands
 from harness.cli import text as report
@@ -33,6 +34,7 @@ from harness.cli.common import (
     new_run_dir,
     one_kernel,
     setup_logging,
+    warnings_policy,
 )
 from harness.image import cpio, initramfs
 from harness.kernel.provision import is_provisioned, provision
@@ -101,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=cmd_boot)
     # Command groups in modules of their own: each register() adds its subcommands.
-    for module in (bisect_commands, matrix_commands, report_commands):
+    for module in (build_commands, bisect_commands, matrix_commands, report_commands):
         module.register(commands, common)
     return parser
 
@@ -174,7 +176,14 @@ def cmd_boot(args: argparse.Namespace) -> int:
     accel = accelerator(args.accel, root)
     deadlines = Deadlines.from_options(args.boot_timeout, args.timeout_multiplier)
     spec = initramfs_spec(args, after="shell" if args.shell else None)
-    request = boot.BootRequest(kernel, spec, accel=accel, deadlines=deadlines, cmdline=args.cmdline)
+    request = boot.BootRequest(
+        kernel,
+        spec,
+        accel=accel,
+        deadlines=deadlines,
+        cmdline=args.cmdline,
+        kernel_warnings=warnings_policy(args),
+    )
     vm = boot.prepare_vm(
         request, cache_root=root, workdir=args.workdir or new_run_dir(root, kernel.name)
     )

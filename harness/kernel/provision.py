@@ -1,5 +1,8 @@
 """Provision kernels into the cache and describe a provisioned kernel.
 
+A kernel built from source is built (or found) by :mod:`harness.kernel.source`, so every
+caller of :func:`provision` (boot, the fixtures, the matrix, bisect) builds on demand.
+
 A Debian kernel package is downloaded with ``apt-get download`` and unpacked with
 ``dpkg-deb -x`` (no install, no maintainer scripts); ``depmod -b`` then writes modules.dep,
 which Debian's packages leave to their postinst. Everything happens in a scratch folder that
@@ -19,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import cache, tools
-from harness.kernel import bzimage
-from harness.kernel.catalogue import DebianPackage, KernelEntry, LocalFiles
+from harness.kernel import bzimage, source
+from harness.kernel.catalogue import DebianPackage, KernelEntry, LocalFiles, SourceTree
 from harness.outcome import ConfigError, InfraError
 
 log = logging.getLogger(__name__)
@@ -40,8 +43,11 @@ class Kernel:
     config_path: Path | None
     system_map: Path | None
     cmdline: str = ""
-    version: str = ""  # the Debian package version, when there is one
+    version: str = ""  # the Debian package version, or a source build's key
     cache_dir: Path | None = None  # where derived files (vmlinux) may be cached
+    commit: str = ""  # source kernels from git: 12 hex digits, "+dirty-<8 hex>" with changes
+    config_digest: str = ""  # source kernels: digest of the .config built, 12 hex digits
+    debug_vmlinux: Path | None = None  # the build's own vmlinux: symbols, maybe debug info
 
     @functools.cached_property
     def config(self) -> dict[str, str]:
@@ -122,14 +128,73 @@ def provision(entry: KernelEntry, cache_root: Path, *, progress: bool | None = N
         progress = sys.stderr.isatty()
     if isinstance(entry.source, DebianPackage):
         return _provision_package(entry, entry.source, cache_root, progress)
+    if isinstance(entry.source, SourceTree):
+        return build_source(entry, cache_root, progress=progress)
     return _describe_local(entry, entry.source, cache_root)
 
 
 def is_provisioned(entry: KernelEntry, cache_root: Path) -> bool:
-    """True when ``entry`` can boot without a download."""
+    """True when ``entry`` can boot without a download or a build."""
     if isinstance(entry.source, DebianPackage):
         return (_package_dir(entry.source, cache_root) / _METADATA).exists()
+    if isinstance(entry.source, SourceTree):
+        try:
+            return source.cached(source_plan(entry, cache_root, progress=False)) is not None
+        except (ConfigError, InfraError):
+            return False
     return entry.source.vmlinuz.exists()
+
+
+def source_plan(entry: KernelEntry, cache_root: Path, *, progress: bool) -> source.Plan:
+    """The build plan of a source kernel (its base kernel provisioned first, if it has one).
+
+    Raises:
+        ConfigError, InfraError: see :func:`harness.kernel.source.plan`.
+    """
+    if not isinstance(entry.source, SourceTree):
+        raise ConfigError(f"kernel {entry.name!r} is not built from source")
+    base_config = None
+    if entry.source.base_kernel is not None:
+        base_config = provision(entry.source.base_kernel, cache_root, progress=progress).config_path
+    return source.plan(entry.source, cache_root, base_config=base_config, progress=progress)
+
+
+def build_source(
+    entry: KernelEntry, cache_root: Path, *, progress: bool | None = None, force: bool = False
+) -> Kernel:
+    """Build a source kernel (or take it from the cache) and describe it.
+
+    Raises:
+        BuildError: the kernel did not build (INFRA_ERROR; the first error and the log).
+        ConfigError: the tree or config is unusable, or a requested option did not survive.
+    """
+    if progress is None:
+        progress = sys.stderr.isatty()
+    built = source.build(
+        entry.name,
+        source_plan(entry, cache_root, progress=progress),
+        progress=progress,
+        force=force,
+    )
+    return kernel_of_build(entry, built)
+
+
+def kernel_of_build(entry: KernelEntry, built: source.Built) -> Kernel:
+    """The :class:`Kernel` of a source build."""
+    return Kernel(
+        name=entry.name,
+        release=built.release,
+        vmlinuz=built.bzimage,
+        modules_dir=built.modules_dir,
+        config_path=built.config,
+        system_map=built.system_map,
+        cmdline=entry.cmdline,
+        version=f"build-{built.key[:16]}",
+        cache_dir=built.folder,
+        commit=built.commit,
+        config_digest=built.config_digest,
+        debug_vmlinux=built.vmlinux,
+    )
 
 
 def _package_dir(source: DebianPackage, cache_root: Path) -> Path:

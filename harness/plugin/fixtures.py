@@ -21,6 +21,7 @@ from harness.kernel import capabilities
 from harness.kernel import provision as kernels
 from harness.kernel.catalogue import KernelEntry
 from harness.outcome import HarnessError
+from harness.plugin import kernel_warnings
 from harness.plugin.settings import Settings, matrix_key, passed_key, settings_key, vms_key
 from harness.snapshot import restore as snapshots
 from harness.storage import attach as storage
@@ -229,6 +230,7 @@ def boot(
             storage=disk_setup,
             load_factor=load,
             machine_options=machine_options,
+            kernel_warnings=kernel_warnings.policy_for(request.node, settings),
         )
         # Snapshots (harness/snapshot/restore.py): every restore attaches its own overlays.
         mode = _snapshot_mode(request, settings, snapshot)

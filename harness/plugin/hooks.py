@@ -17,7 +17,7 @@ from harness import __version__
 from harness.kernel.catalogue import Catalogue, find_catalogue, load_catalogue
 from harness.outcome import ConfigError, HarnessError, InfraError
 from harness.plugin import collector as collector_module
-from harness.plugin import fixtures, matrix, recorder
+from harness.plugin import fixtures, kernel_warnings, matrix, recorder
 from harness.plugin.settings import (
     catalogue_key,
     matrix_key,
@@ -82,6 +82,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     parser.addini("bootharness_snapshots", "snapshots: off, auto, shared-ram or stream", default="")
     matrix.add_options(group, parser)  # controllers, templates, retries, reports
+    kernel_warnings.add_options(group, parser)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -106,9 +107,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "cold_boot: always boot this test's VMs cold, even with --snapshots"
     )
+    kernel_warnings.configure(config)
     settings = read_settings(config)
     config.stash[settings_key] = settings
     config.pluginmanager.register(fixtures, "bootharness-fixtures")
+    config.pluginmanager.register(kernel_warnings.KernelWarnings(), "bootharness-kernel-warnings")
     _register_matrix_parts(config)
     if settings.kernels_file or settings.kernel_selectors:
         # Asked for explicitly: a bad file or selector is a usage error before collection.

@@ -8,7 +8,7 @@ plugin's imports run one way: settings <- fixtures, matrix, recorder, collector 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,9 @@ from harness.storage import controllers
 from harness.vm.accel import VALID_REQUESTS
 from harness.vm.boot import Vm
 from harness.vm.deadlines import Deadlines
+from harness.vm.kernel_warnings import MODES as WARNING_MODES
+from harness.vm.kernel_warnings import WarningPolicy
+from harness.vm.kernel_warnings import policy as warning_policy
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class Settings:
     keep_artifacts: bool
     cache_dir: Path
     snapshots: str = "off"  # off, auto, shared-ram or stream (harness.snapshot.restore)
+    kernel_warnings: WarningPolicy = field(default_factory=WarningPolicy)  # and allowlists
 
 
 settings_key = pytest.StashKey[Settings]()
@@ -103,6 +107,21 @@ def read_settings(config: pytest.Config) -> Settings:
         raise pytest.UsageError(
             f"bootharness_snapshots = {snapshots!r}: use one of {', '.join(MODES)}"
         )
+    mode = pick("kernel_warnings", "bootharness_kernel_warnings") or "report"
+    if mode not in WARNING_MODES:
+        raise pytest.UsageError(
+            f"--kernel-warnings / bootharness_kernel_warnings = {mode!r}: use one of "
+            f"{', '.join(WARNING_MODES)}"
+        )
+    allowlists = config.getoption("kernel_warnings_allowlist") or config.getini(
+        "bootharness_kernel_warnings_allowlist"
+    )
+    try:
+        policy = warning_policy(
+            mode, [config.invocation_params.dir / str(path) for path in allowlists]
+        )
+    except ConfigError as error:
+        raise pytest.UsageError(str(error)) from error
     return Settings(
         kernels_file=pick("kernels", "bootharness_kernels") or None,
         kernel_selectors=selectors,
@@ -113,6 +132,7 @@ def read_settings(config: pytest.Config) -> Settings:
         ),
         cache_dir=cache.cache_root(pick("bootharness_cache", "bootharness_cache") or None),
         snapshots=snapshots,
+        kernel_warnings=policy,
     )
 
 

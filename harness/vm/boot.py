@@ -16,7 +16,7 @@ import re
 import secrets
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,9 +25,11 @@ from harness import tools
 from harness.image.initramfs import Initramfs, InitramfsSpec
 from harness.image.initramfs import build as build_initramfs
 from harness.kernel.provision import Kernel
+from harness.kernel.symbols import Symboliser, trace_block
 from harness.outcome import (
     Evidence,
     HarnessError,
+    KernelFault,
     Outcome,
     TestFailure,
 )
@@ -35,6 +37,9 @@ from harness.storage.attach import Storage
 from harness.vm import exitcode, power
 from harness.vm.console import Console, ConsoleClosed, Mark, marker_regex
 from harness.vm.deadlines import DEFAULT_DEADLINES, Deadlines
+from harness.vm.faults import Fault
+from harness.vm.kernel_warnings import WarningPolicy
+from harness.vm.kernel_warnings import summary as warning_summary
 from harness.vm.machine import Machine, MachineSpec
 from harness.vm.qmp import Qmp, QmpEvent
 from harness.vm.shell import GuestShell
@@ -95,6 +100,7 @@ class BootRequest:
     storage: Storage | None = None
     load_factor: float = 1.0  # how much the machine's load stretched ``deadlines``
     machine_options: Mapping[str, Any] = field(default_factory=dict)
+    kernel_warnings: WarningPolicy = field(default_factory=WarningPolicy)
 
     def options_for(self, workdir: Path) -> dict[str, Any]:
         """The machine options with this request's disks attached in ``workdir``."""
@@ -163,6 +169,7 @@ def vm_for(
         storage=request.storage,
         load_factor=request.load_factor,
         start_plan=start_plan,
+        kernel_warnings=request.kernel_warnings,
     )
 
 
@@ -184,6 +191,17 @@ def machine_spec(
     return MachineSpec(kernel=image, initrd=initrd, cmdline=full_cmdline, accel=accel, **options)
 
 
+def symboliser_for(kernel: Kernel | None) -> Symboliser | None:
+    """What symbolises ``kernel``'s traces: its own vmlinux (a source build's, with debug info
+    when it was built with it), System.map and modules; None when it has none of them."""
+    if kernel is None:
+        return None
+    symboliser = Symboliser(
+        system_map=kernel.system_map, vmlinux=kernel.debug_vmlinux, modules_dir=kernel.modules_dir
+    )
+    return symboliser if symboliser.useful else None
+
+
 @dataclass
 class BootResult:
     """What one boot did, for reports, junit properties and bisect logs."""
@@ -197,6 +215,7 @@ class BootResult:
     log_path: Path | None = None
     qemu_version: str = ""
     error: HarnessError | None = None
+    warnings: list[str] = field(default_factory=list)  # kernel warnings the policy lists
 
     @property
     def boot_time(self) -> float | None:
@@ -214,6 +233,8 @@ class BootResult:
         lines += [
             f"  {m.at:8.3f} s  {m.name}{'  ' + m.detail if m.detail else ''}" for m in self.marks
         ]
+        for warning in self.warnings:
+            lines.append(f"warning:  {warning}")
         lines.append(
             f"outcome:  {self.outcome.name}" + (f": {self.message}" if self.message else "")
         )
@@ -249,15 +270,18 @@ class Vm:
         storage: Storage | None = None,
         load_factor: float = 1.0,
         start_plan: StartPlan | None = None,
+        kernel_warnings: WarningPolicy | None = None,
     ) -> None:
         self.spec = spec
         self.kernel = kernel  # what it boots, for reports (None for a hand-made spec)
+        self.kernel_warnings = kernel_warnings or WarningPolicy()
+        self.symboliser = symboliser_for(kernel)
         self.storage = storage  # the disks attached, when the test gave some
         self.load_factor = load_factor  # how much the machine's load stretched the deadlines
         self.boot_mechanism = "cold"  # or how a snapshot restored it (harness.snapshot.restore)
         self.nonce = nonce
         self.deadlines = deadlines
-        self.machine = Machine(spec, workdir, nonce=nonce, expected_boots=expected_boots)
+        self.machine = self._machine(spec, workdir, nonce, expected_boots)
         self.start_plan = start_plan
         self._guest_shell: GuestShell | None = None
 
@@ -269,8 +293,90 @@ class Vm:
         if self.machine.launched:
             raise RuntimeError("use_machine: the VM's QEMU was launched already")
         self.spec, self.nonce = spec, nonce
-        self.machine = Machine(spec, workdir, nonce=nonce, expected_boots=expected_boots)
+        self.machine = self._machine(spec, workdir, nonce, expected_boots)
         return self.machine
+
+    def _machine(self, spec: MachineSpec, workdir: Path, nonce: str, boots: int) -> Machine:
+        return Machine(
+            spec,
+            workdir,
+            nonce=nonce,
+            expected_boots=boots,
+            warnings=self.kernel_warnings,
+            symbolise=self.symbolise,
+        )
+
+    def symbolise(self, text: str, offset: int) -> str:
+        """The trace of the fault at ``offset`` in console ``text``, symbolised against the
+        kernel's vmlinux (file:line, with debug info) or System.map; "" if nothing to add."""
+        if self.symboliser is None:
+            return ""
+        return self.symboliser.decode(trace_block(text, offset))
+
+    def warnings(self) -> list[Fault]:
+        """The kernel warnings seen so far that the policy lists (none before launch)."""
+        if not self.machine.launched:
+            return []
+        return self.machine.console.reported_warnings()
+
+    def warning_lines(self) -> list[str]:
+        """Each listed warning's console line without its time stamp: what reports show."""
+        return [warning_summary(fault) for fault in self.warnings()]
+
+    def unraised_failing_warnings(self) -> list[Fault]:
+        """Warnings the policy fails on that no wait has raised yet (printed after the last
+        wait on the console): the plugin fails the test on them when it ends."""
+        if not self.machine.launched:
+            return []
+        recorder = self.machine.console.recorder
+        failing = recorder.policy.failing(recorder.scanner.faults)
+        return [f for f in failing if f.offset not in recorder.raised]
+
+    def warning_fault(self, found: Sequence[Fault], *, phase: str) -> KernelFault:
+        """The KERNEL_FAULT for warnings the policy fails on, with the first one's evidence."""
+        first = found[0]
+        console = self.machine.console
+        console.recorder.raised.update(f.offset for f in found)
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        evidence = replace(
+            self.evidence(phase),
+            excerpt=first.excerpt,
+            trace=console.trace_of([first]),
+        )
+        return KernelFault(
+            f"kernel warning (kernel warnings policy: fail): {first.name}: "
+            f"{warning_summary(first)}{more}",
+            evidence,
+        )
+
+    def warnings_section(self) -> str:
+        """The warnings of this VM for a test's report: listed ones, and the allow-listed ones
+        with their reasons ("" when there are none)."""
+        if not self.machine.launched:
+            return ""
+        recorder = self.machine.console.recorder
+        lines = [f"{f.name}: {warning_summary(f)}" for f in self.warnings()]
+        lines += [
+            f"known ({entry.reason}): {warning_summary(f)}"
+            for f, entry in recorder.policy.known(recorder.scanner.faults)
+        ]
+        return "\n".join(lines)
+
+    def fault_traces(self) -> str:
+        """Every fault seen (warnings the policy lists included), each with its symbolised
+        trace when the kernel's files add something: for bundles and reports."""
+        if not self.machine.launched:
+            return ""
+        console = self.machine.console
+        blocks = []
+        listed = {id(f) for f in console.reported_warnings()}
+        for fault in console.recorder.scanner.faults:
+            if fault.severity.name == "WARNING" and id(fault) not in listed:
+                continue
+            trace = self.symbolise(console.recorder.text, fault.offset)
+            if trace:
+                blocks.append(f"{fault.name}: {warning_summary(fault)}\n{trace}")
+        return "\n\n".join(blocks)
 
     @property
     def console(self) -> Console:
@@ -436,4 +542,5 @@ def run(vm: Vm, *, kernel: Kernel, accel: str, wait_shutdown: bool = True) -> Bo
         log_path=vm.machine.console_log,
         qemu_version=qemu_version(vm.spec.qemu),
         error=error,
+        warnings=vm.warning_lines(),
     )

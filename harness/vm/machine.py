@@ -22,13 +22,14 @@ import socket
 import subprocess
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness import tools
 from harness.outcome import Evidence, InfraError
 from harness.vm.console import Console, ConsoleRecorder
+from harness.vm.kernel_warnings import WarningPolicy
 from harness.vm.qmp import Qmp, QmpError
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,9 @@ def _die_with_parent(parent: int) -> None:
 _LIVE: weakref.WeakSet[Machine] = weakref.WeakSet()
 
 
+DEFAULT_POLICY = WarningPolicy()
+
+
 @atexit.register
 def _stop_all() -> None:
     for machine in list(_LIVE):
@@ -130,11 +134,22 @@ class Machine:
     A context manager: every exit path ends QEMU (QMP quit, then SIGTERM, then SIGKILL).
     """
 
-    def __init__(self, spec: MachineSpec, workdir: Path, *, nonce: str, expected_boots: int = 1):
+    def __init__(
+        self,
+        spec: MachineSpec,
+        workdir: Path,
+        *,
+        nonce: str,
+        expected_boots: int = 1,
+        warnings: WarningPolicy = DEFAULT_POLICY,
+        symbolise: Callable[[str, int], str] = lambda text, offset: "",
+    ):
         self.spec = spec
         self.workdir = workdir
         self.nonce = nonce
         self.expected_boots = expected_boots
+        self.warnings = warnings  # what kernel warnings do to the boot
+        self.symbolise = symbolise  # (console text, fault offset) -> symbolised trace
         self.argv: list[str] = []
         self.started = 0.0
         self.process: subprocess.Popen[bytes] | None = None
@@ -216,13 +231,16 @@ class Machine:
         _LIVE.add(self)
         (self.workdir / "qemu.pid").write_text(f"{self.process.pid}\n")
         (self.workdir / "qemu.argv").write_text("\n".join(argv) + "\n")
-        recorder = ConsoleRecorder(self.started, self.nonce, self.expected_boots)
+        recorder = ConsoleRecorder(
+            self.started, self.nonce, self.expected_boots, policy=self.warnings
+        )
         self._console = Console(
             console_ours,
             recorder,
             log_path=self.console_log,
             external_fault=self._qmp_panic,
             evidence=self.evidence,
+            symbolise=self.symbolise,
         )
         try:
             self._qmp = Qmp(qmp_ours, timeout=QMP_CONNECT_TIMEOUT, log_path=self.qmp_log)
