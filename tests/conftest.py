@@ -37,3 +37,20 @@ def no_qemu_left_behind() -> Iterator[None]:
 # pytester points HOME at a temporary folder; pin the cache so inner runs reuse the
 # provisioned kernels instead of downloading them again.
 os.environ.setdefault("BOOTHARNESS_CACHE", str(cache_root()))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "nightly: too slow for the default run (kernel builds, git bisections); runs when the "
+        "-m expression names nightly, or with BOOTHARNESS_NIGHTLY=1",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if "nightly" in (config.getoption("-m") or "") or os.environ.get("BOOTHARNESS_NIGHTLY"):
+        return
+    skip = pytest.mark.skip(reason="nightly: run with -m nightly or BOOTHARNESS_NIGHTLY=1")
+    for item in items:
+        if item.get_closest_marker("nightly") is not None:
+            item.add_marker(skip)
