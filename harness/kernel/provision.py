@@ -138,6 +138,13 @@ def is_provisioned(entry: KernelEntry, cache_root: Path) -> bool:
     if isinstance(entry.source, DebianPackage):
         return (_package_dir(entry.source, cache_root) / _METADATA).exists()
     if isinstance(entry.source, SourceTree):
+        # Only look: no unpacking, no download of a base kernel, no build.
+        base = entry.source.base_kernel
+        if base is not None and not is_provisioned(base, cache_root):
+            return False
+        package = entry.source.package
+        if package and source.unpacked_package(package, cache_root) is None:
+            return False
         try:
             return source.cached(source_plan(entry, cache_root, progress=False)) is not None
         except (ConfigError, InfraError):

@@ -272,11 +272,10 @@ def unpack_package(package: str, cache_root: Path, *, progress: bool) -> tuple[P
 
         cache.build_once(target, from_tarball)
         return target, installed
+    found = unpacked_package(package, cache_root)
+    if found is not None:
+        return found
     pointer = trees / f"{package}.json"
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        known = json.loads(pointer.read_text())
-        if (trees / known["folder"]).is_dir():
-            return trees / known["folder"], str(known["version"])
     trees.mkdir(parents=True, exist_ok=True)
     with FileLock(str(pointer) + ".lock"):
         download = Path(os.path.realpath(trees)) / f".download-{os.getpid()}"
@@ -296,6 +295,20 @@ def unpack_package(package: str, cache_root: Path, *, progress: bool) -> tuple[P
             shutil.rmtree(download, ignore_errors=True)
         pointer.write_text(json.dumps({"folder": target.name, "version": version}) + "\n")
     return target, version
+
+
+def unpacked_package(package: str, cache_root: Path) -> tuple[Path, str] | None:
+    """The tree and version of ``package`` if the cache holds it unpacked (no side effects)."""
+    trees = source_root(cache_root) / "trees"
+    installed = _installed_version(package)
+    if installed and (Path("/usr/src") / f"{package}.tar.xz").is_file():
+        target = trees / f"{package}_{_safe(installed)}"
+        return (target, installed) if target.is_dir() else None
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        known = json.loads((trees / f"{package}.json").read_text())
+        if (trees / known["folder"]).is_dir():
+            return trees / known["folder"], str(known["version"])
+    return None
 
 
 def _installed_version(package: str) -> str:

@@ -4,9 +4,10 @@ A bundle holds the initramfs image the VM booted (hard-linked from the cache whe
 else copied), the console log, the QMP event log, QEMU's stderr, argv and the rendered /init,
 the symbolised stack traces of the faults seen (``trace.txt``), and ``bundle.json``: which
 kernel (name, release, package or files, and a digest of the image QEMU was given), the
-machine spec (command line with the boot's nonce, devices, extra arguments), the deadlines, and the base images behind each disk. Disks are referred to, not
-copied: a VM boots a qcow2 overlay of a read-only base image, so the base is what a replay
-needs, and it is recorded with its size and digest so a replay can tell it has changed.
+machine spec (command line with the boot's nonce, devices, extra arguments), the deadlines,
+and the base images behind each disk. Disks are referred to, not copied: a VM boots a qcow2
+overlay of a read-only base image, so the base is what a replay needs, and it is recorded
+with its size and digest so a replay can tell it has changed.
 """
 
 from __future__ import annotations
