@@ -27,6 +27,7 @@ build.lock``): two kernel builds at once on a small machine only slow each other
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -434,12 +435,15 @@ def _build_into(name: str, p: Plan, partial: Path, progress: bool, started: floa
     lock = os.environ.get(LOCK_ENV) or str(p.root / "build.lock")
     p.log_path.parent.mkdir(parents=True, exist_ok=True)
     p.build_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(p.build_dir) + ".lock"), FileLock(lock), p.log_path.open("w") as logfile:
+    with (
+        FileLock(str(p.build_dir) + ".lock"),
+        _machine_lock(Path(lock)),
+        p.log_path.open("w") as logfile,
+    ):
         logfile.write(f"# bootharness build of {name}: {p.tree} at {p.state.label}\n")
         logfile.write(f"# compiler: {p.compiler}\n# output: {p.build_dir}\n")
         make = Make(p.tree, p.build_dir, logfile)
         config_digest = _configure(make, p)
-        release = (p.build_dir / "include" / "config" / "kernel.release").read_text().strip()
         targets = ["bzImage"]
         has_modules = (
             kconfig.parse((p.build_dir / ".config").read_text()).get("CONFIG_MODULES") == "y"
@@ -455,6 +459,8 @@ def _build_into(name: str, p: Plan, partial: Path, progress: bool, started: floa
             raise _failed(name, p, f"make {' '.join(targets)} exited {status}")
         if make.steps > expected or not expected:
             steps_file.write_text(f"{max(make.steps, expected)}\n")
+        # Written by the build's prepare stage (not by the configuration).
+        release = (p.build_dir / "include" / "config" / "kernel.release").read_text().strip()
         modroot = partial / "modroot"
         if has_modules:
             install = ["modules_install", f"INSTALL_MOD_PATH={modroot}"]
@@ -494,6 +500,20 @@ def _build_into(name: str, p: Plan, partial: Path, progress: bool, started: floa
     (partial / _METADATA).write_text(json.dumps(meta, indent=2) + "\n")
     if progress:
         print(f"bootharness: built {name} ({release}) in {seconds:.0f} s", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _machine_lock(path: Path) -> Iterator[None]:
+    """One kernel build at a time on this machine: ``flock`` on ``path``, the same lock as
+    ``flock(1)`` takes, so builds outside the harness can share it. The file is never removed
+    (a removed lock file would let the next locker lock another inode)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _configure(make: Make, p: Plan) -> str:
