@@ -23,6 +23,7 @@ import logging
 import re
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +173,7 @@ class Symboliser:
         self.vmlinux = vmlinux
         self.modules_dir = modules_dir
         self._kernel_table: SymbolTable | None = None
+        self._lock = threading.Lock()
         self._module_tables: dict[str, tuple[Path, SymbolTable] | None] = {}
         self._debug: dict[Path, bool] = {}
 
@@ -181,14 +183,22 @@ class Symboliser:
         return any(p is not None for p in (self.system_map, self.vmlinux, self.modules_dir))
 
     def kernel_table(self) -> SymbolTable:
-        if self._kernel_table is None:
-            table = SymbolTable()
-            if self.vmlinux is not None and self.vmlinux.is_file():
-                table = _objdump(self.vmlinux)
-            if not table.symbols and self.system_map is not None and self.system_map.is_file():
-                table = read_system_map(self.system_map.read_text(errors="replace"))
-            self._kernel_table = table
-        return self._kernel_table
+        """The kernel's symbols: from its vmlinux (with sizes), else its System.map."""
+        with self._lock:
+            if self._kernel_table is None:
+                table = SymbolTable()
+                if self.vmlinux is not None and self.vmlinux.is_file():
+                    table = _cached_table(self.vmlinux, "objdump")
+                system_map = self.system_map
+                if not table.symbols and system_map is not None and system_map.is_file():
+                    table = _cached_table(system_map, "system-map")
+                self._kernel_table = table
+            return self._kernel_table
+
+    def preload(self) -> None:
+        """Read the kernel's symbols in the background (while the guest boots), so a fault's
+        trace is symbolised without delaying the verdict."""
+        threading.Thread(target=self.kernel_table, name="symbols", daemon=True).start()
 
     def module(self, name: str) -> tuple[Path, SymbolTable] | None:
         if name not in self._module_tables:
@@ -318,6 +328,26 @@ def has_debug_info(path: Path) -> bool:
         [readelf, "-S", "-W", str(path)], capture_output=True, text=True, check=False
     )
     return ".debug_line" in result.stdout or ".zdebug_line" in result.stdout
+
+
+_TABLES: dict[tuple[str, str, int, int], SymbolTable] = {}
+_TABLES_LOCK = threading.Lock()
+
+
+def _cached_table(path: Path, kind: str) -> SymbolTable:
+    """A symbol table read once per process and file version (VMs of one kernel share it)."""
+    stat = path.stat()
+    key = (kind, str(path), stat.st_size, stat.st_mtime_ns)
+    with _TABLES_LOCK:
+        found = _TABLES.get(key)
+    if found is None:
+        if kind == "objdump":
+            found = _objdump(path)
+        else:
+            found = read_system_map(path.read_text(errors="replace"))
+        with _TABLES_LOCK:
+            _TABLES[key] = found
+    return found
 
 
 def _objdump(path: Path) -> SymbolTable:

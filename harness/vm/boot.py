@@ -407,6 +407,8 @@ class Vm:
 
     def boot_cold(self) -> None:
         """Launch QEMU from the firmware and wait for the kernel to start /init."""
+        if self.symboliser is not None:
+            self.symboliser.preload()
         self.machine.launch()
         self.machine.resume()
         self._expect(re.compile(r"[\s\S]"), "firmware")
