@@ -79,6 +79,7 @@ _KERNEL_KEYS = (
     *_SOURCE_KEYS,
     *_LOCAL_ONLY_KEYS,
     *_SOURCE_ONLY_KEYS,
+    "debug_symbols",
     "tags",
     "cmdline",
     "note",
@@ -87,9 +88,14 @@ _KERNEL_KEYS = (
 
 @dataclass(frozen=True)
 class DebianPackage:
-    """A kernel provisioned from a Debian ``linux-image-*`` package."""
+    """A kernel provisioned from a Debian ``linux-image-*`` package.
+
+    ``debug_symbols`` also fetches the matching ``-dbg`` package (large: hundreds of MB) for
+    its real System.map and its vmlinux with debug info, so traces show file:line.
+    """
 
     package: str
+    debug_symbols: bool = False
 
 
 @dataclass(frozen=True)
@@ -503,7 +509,24 @@ class _Validator:
                         kernel=name,
                         key=key,
                     )
-            return self.package(name, table["debian_package"])
+            found = self.package(name, table["debian_package"])
+            debug = table.get("debug_symbols", False)
+            if not isinstance(debug, bool):
+                self.problem(
+                    f"must be true or false, got {_got(debug)}; write debug_symbols = true",
+                    kernel=name,
+                    key="debug_symbols",
+                )
+            elif found is not None and debug:
+                found = dataclasses.replace(found, debug_symbols=True)
+            return found
+        if "debug_symbols" in table:
+            self.problem(
+                "only applies to Debian packages (debian_package = ...): it fetches the "
+                "matching -dbg package; for a source kernel write debug_info = true",
+                kernel=name,
+                key="debug_symbols",
+            )
         if has_vmlinuz:
             vmlinuz = self.local_path(name, "vmlinuz", table["vmlinuz"], "file")
             optional = {

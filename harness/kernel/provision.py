@@ -15,6 +15,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -221,17 +223,69 @@ def _provision_package(
     meta = json.loads((target / _METADATA).read_text())
     root = target / "root"
     release = meta["release"]
+    system_map = _optional(root / "boot" / f"System.map-{release}")
+    debug_vmlinux = None
+    if source.debug_symbols:
+        system_map, debug_vmlinux = _debug_symbols(
+            source.package, meta.get("version", ""), release, cache_root, progress
+        )
     return Kernel(
         name=entry.name,
         release=release,
         vmlinuz=root / meta["vmlinuz"],
         modules_dir=root / "lib" / "modules" / release,
         config_path=_optional(root / "boot" / f"config-{release}"),
-        system_map=_optional(root / "boot" / f"System.map-{release}"),
+        system_map=system_map,
         cmdline=entry.cmdline,
         version=meta.get("version", ""),
         cache_dir=target,
+        debug_vmlinux=debug_vmlinux,
     )
+
+
+def debug_package_of(package: str) -> str:
+    """The ``-dbg`` package of a Debian kernel image package (signed or unsigned)."""
+    return package.removesuffix("-unsigned") + "-dbg"
+
+
+def _debug_symbols(
+    package: str, version: str, release: str, cache_root: Path, progress: bool
+) -> tuple[Path, Path]:
+    """The real System.map and the vmlinux with debug info of a Debian kernel, from its
+    ``-dbg`` package (Debian's own System.map is a placeholder), fetched once into the cache.
+    Only those two files are kept: the package's module debug files are gigabytes."""
+    debug = debug_package_of(package)
+    target = cache_root / "kernels" / "debian" / f"{debug}_{version}"
+
+    def build(partial: Path) -> None:
+        download = partial / "download"
+        download.mkdir(parents=True)
+        if progress:
+            print(f"bootharness: downloading {debug} (large) ...", file=sys.stderr, flush=True)
+        wanted = f"{debug}={version}" if version else debug
+        _run(
+            [tools.require("apt-get"), "download", wanted],
+            cwd=download,
+            what=f"download {wanted}",
+            show=progress,
+            hint="debug_symbols needs the -dbg package of the same version",
+        )
+        debs = sorted(download.glob("*.deb"))
+        if len(debs) != 1:
+            raise InfraError(f"apt-get download {wanted} produced {len(debs)} .deb files")
+        members = [f"./usr/lib/debug/boot/{name}-{release}" for name in ("System.map", "vmlinux")]
+        command = (
+            f"{tools.require('dpkg-deb')} --fsys-tarfile {shlex.quote(str(debs[0]))} | "
+            f"tar -x -C {shlex.quote(str(partial))} " + " ".join(shlex.quote(m) for m in members)
+        )
+        _run(["sh", "-c", command], what=f"unpack {debs[0].name}")
+        for member, name in zip(members, ("System.map", "vmlinux"), strict=True):
+            os.replace(partial / member, partial / name)
+        shutil.rmtree(partial / "usr")
+        shutil.rmtree(download)
+
+    cache.build_once(target, build)
+    return target / "System.map", target / "vmlinux"
 
 
 def _fetch_and_unpack(package: str, partial: Path, progress: bool) -> None:

@@ -94,7 +94,11 @@ class SymbolTable:
 
 
 def read_system_map(text: str) -> SymbolTable:
-    """Symbols of a System.map (``ffffffff81000000 T _text``); text symbols only."""
+    """Symbols of a System.map (``ffffffff81000000 T _text``); text symbols only.
+
+    Debian's kernel packages ship a one-line placeholder ("The real System.map is in the
+    linux-image-<version>-dbg package"), which gives an empty table.
+    """
     symbols = []
     for line in text.splitlines():
         parts = line.split()
@@ -111,7 +115,7 @@ def read_system_map(text: str) -> SymbolTable:
 def _fill_sizes(table: SymbolTable) -> None:
     """System.map has no sizes: a symbol reaches the next one (padding included)."""
     sized = []
-    for here, after in zip(table.symbols, [*table.symbols[1:], None], strict=True):
+    for here, after in zip(table.symbols, [*table.symbols[1:], None], strict=False):
         size = after.address - here.address if after is not None else 0
         sized.append(Symbol(here.name, here.address, size))
     table.symbols[:] = sized

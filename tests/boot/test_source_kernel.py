@@ -10,6 +10,7 @@ shared machine.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -289,26 +290,59 @@ def test_an_oops_in_a_module_shows_its_frames_and_vmlinux_addresses(
     assert "symbolised trace:" in str(error)
 
 
-@pytest.mark.boot
-def test_a_debian_kernel_oops_shows_symbol_offsets_from_its_system_map(tmp_path: Path) -> None:
-    catalogue = load_catalogue(REPO / "kernels.toml")
-    kernel = provision(catalogue.get(catalogue.default), cache_root(), progress=False)
-    assert kernel.system_map is not None and kernel.debug_vmlinux is None
-    spec = InitramfsSpec(variables={"commands": ["echo c > /proc/sysrq-trigger"]})
-    request = BootRequest(kernel, spec)
-    vm = prepare_vm(request, cache_root=cache_root(), workdir=tmp_path / "vm")
-    result = run(vm, kernel=kernel, accel="tcg")
-    assert isinstance(result.error, KernelFault), result.render()
-    trace = result.error.evidence.trace
+def system_map_addresses(path: Path) -> dict[str, set[int]]:
     addresses: dict[str, set[int]] = {}  # static functions may share a name
-    for line in kernel.system_map.read_text().splitlines():
+    for line in path.read_text().splitlines():
         parts = line.split()
         if len(parts) == 3:
             addresses.setdefault(parts[2], set()).add(int(parts[0], 16))
+    return addresses
+
+
+def sysrq_crash_trace(kernel: Kernel, tmp_path: Path) -> str:
+    spec = InitramfsSpec(variables={"commands": ["echo c > /proc/sysrq-trigger"]})
+    vm = prepare_vm(BootRequest(kernel, spec), cache_root=cache_root(), workdir=tmp_path / "vm")
+    result = run(vm, kernel=kernel, accel="tcg")
+    assert isinstance(result.error, KernelFault), result.render()
+    assert "symbolised trace:" in str(result.error)
+    return result.error.evidence.trace
+
+
+def assert_frames_match_the_system_map(trace: str, system_map: Path) -> None:
+    addresses = system_map_addresses(system_map)
     frames = re.findall(r"([\w.]+)\+0x([0-9a-f]+)/0x[0-9a-f]+ \(0x([0-9a-f]+)\)", trace)
     assert any(name == "sysrq_handle_crash" for name, _, _ in frames), trace
     for name, offset, address in frames:
         assert int(address, 16) - int(offset, 16) in addresses[name], (name, trace)
+
+
+@pytest.mark.boot
+def test_a_kernel_with_only_a_system_map_shows_symbol_offsets_and_addresses(
+    minimal: Kernel, tmp_path: Path
+) -> None:
+    only_map = dataclasses.replace(minimal, debug_vmlinux=None)
+    assert only_map.system_map is not None
+    trace = sysrq_crash_trace(only_map, tmp_path)
+    assert_frames_match_the_system_map(trace, only_map.system_map)
+
+
+@pytest.mark.nightly
+@pytest.mark.boot
+def test_a_debian_kernel_oops_is_symbolised_with_its_debug_package(tmp_path: Path) -> None:
+    """Debian's own System.map is a placeholder: the real one, and a vmlinux with debug info,
+    come from the -dbg package (debug_symbols = true; the cloud kernel's is ~280 MB)."""
+    path = tmp_path / "kernels.toml"
+    path.write_text(
+        '[kernels."cloud-dbg"]\n'
+        'debian_package = "linux-image-6.1.0-56-cloud-amd64-unsigned"\n'
+        "debug_symbols = true\n"
+    )
+    kernel = provision(load_catalogue(path).get("cloud-dbg"), cache_root(), progress=False)
+    assert kernel.system_map is not None and kernel.debug_vmlinux is not None
+    trace = sysrq_crash_trace(kernel, tmp_path)
+    assert_frames_match_the_system_map(trace, kernel.system_map)
+    crash = next(line for line in trace.splitlines() if "sysrq_handle_crash" in line)
+    assert re.search(r"drivers/tty/sysrq\.c:\d+", crash), trace
 
 
 @pytest.mark.nightly

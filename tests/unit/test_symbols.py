@@ -142,3 +142,13 @@ def test_module_frames_resolve_in_the_module_file(tmp_path: Path) -> None:
         for offset in range(1, caller.size)
     ]
     assert any("crash.c:13" in f for f in frames), frames
+
+
+def test_debians_placeholder_system_map_gives_nothing(tmp_path: Path) -> None:
+    placeholder = tmp_path / "System.map"
+    placeholder.write_text(
+        "ffffffffffffffff B The real System.map is in the linux-image-<version>-dbg package\n"
+    )
+    assert read_system_map(placeholder.read_text()).symbols == []
+    trace = "[    1.000000]  sysrq_handle_crash+0x16/0x20\n"
+    assert Symboliser(system_map=placeholder).decode(trace) == ""
