@@ -16,6 +16,7 @@ from harness.kernel.catalogue import (
     SourceTree,
     load_catalogue,
 )
+from harness.kernel.provision import debug_package_of
 
 PKG = "linux-image-6.1.0-56-amd64-unsigned"
 
@@ -121,3 +122,24 @@ def test_two_sources_at_once_is_one_problem(tmp_path: Path) -> None:
     fake_tree(tmp_path / "linux")
     found = problems(write(tmp_path, f'[kernels."k"]\ntree = "linux"\ndebian_package = "{PKG}"\n'))
     assert len(found) == 1 and "debian_package and tree" in found[0], found
+
+
+def test_debug_symbols_only_on_debian_packages(tmp_path: Path) -> None:
+    fake_tree(tmp_path / "linux")
+    cat = load_catalogue(
+        write(tmp_path, f'[kernels."d"]\ndebian_package = "{PKG}"\ndebug_symbols = true\n')
+    )
+    assert cat.get("d").source == DebianPackage(PKG, debug_symbols=True)
+    found = problems(write(tmp_path, '[kernels."k"]\ntree = "linux"\ndebug_symbols = true\n'))
+    assert len(found) == 1 and "debug_info = true" in found[0], found
+    found = problems(
+        write(tmp_path, f'[kernels."d"]\ndebian_package = "{PKG}"\ndebug_symbols = "y"\n')
+    )
+    assert len(found) == 1 and "true or false" in found[0], found
+
+
+def test_the_debug_package_of_an_image_package() -> None:
+    assert debug_package_of(PKG) == "linux-image-6.1.0-56-amd64-dbg"
+    assert debug_package_of("linux-image-6.1.0-56-cloud-amd64") == (
+        "linux-image-6.1.0-56-cloud-amd64-dbg"
+    )
