@@ -498,6 +498,13 @@ class _Validator:
                         kernel=name,
                         key=key,
                     )
+        if "debug_symbols" in table and not has_package:
+            self.problem(
+                "only applies to Debian packages (debian_package = ...): it fetches the "
+                "matching -dbg package; for a source kernel write debug_info = true",
+                kernel=name,
+                key="debug_symbols",
+            )
         if any(key in table for key in _SOURCE_KEYS):
             return self.source_tree(name, table)
         if has_package:
@@ -520,13 +527,6 @@ class _Validator:
             elif found is not None and debug:
                 found = dataclasses.replace(found, debug_symbols=True)
             return found
-        if "debug_symbols" in table:
-            self.problem(
-                "only applies to Debian packages (debian_package = ...): it fetches the "
-                "matching -dbg package; for a source kernel write debug_info = true",
-                kernel=name,
-                key="debug_symbols",
-            )
         if has_vmlinuz:
             vmlinuz = self.local_path(name, "vmlinuz", table["vmlinuz"], "file")
             optional = {
