@@ -55,8 +55,9 @@ def parse(text: str) -> dict[str, str]:
 def merge(base: str, fragments: Iterable[str]) -> str:
     """``base`` with each fragment's options applied in order (what merge_config.sh -m does).
 
-    Options already in ``base`` are rewritten in place; new ones are appended. Kconfig reads
-    the result with ``olddefconfig``, which resolves dependencies and fills in defaults.
+    An option a fragment sets is removed from where it was and appended at the end, so in a
+    choice (SLAB/SLUB/SLOB, the unwinders) the member a fragment turns on comes after the
+    base's and wins when Kconfig reads the file (the last ``=y`` of a choice does).
     """
     wanted: dict[str, str] = {}
     for fragment in fragments:
@@ -65,9 +66,7 @@ def merge(base: str, fragments: Iterable[str]) -> str:
     for raw in base.splitlines():
         line = raw.strip()
         match = _SET_RE.match(line) or _UNSET_RE.match(line)
-        if match and match.group(1) in wanted:
-            lines.append(_line(match.group(1), wanted.pop(match.group(1))))
-        else:
+        if not (match and match.group(1) in wanted):
             lines.append(raw)
     lines += [_line(option, value) for option, value in wanted.items()]
     return "\n".join(lines) + "\n"

@@ -29,13 +29,19 @@ def test_a_later_line_wins() -> None:
     assert kconfig.parse("CONFIG_A=y\n# CONFIG_A is not set\n") == {"CONFIG_A": "n"}
 
 
-def test_merge_rewrites_in_place_appends_new_and_keeps_comments() -> None:
+def test_merge_moves_what_fragments_set_to_the_end_in_their_order() -> None:
     merged = kconfig.merge(BASE, ["CONFIG_MODULES=y\nCONFIG_NEW=m\n", "# CONFIG_64BIT is not set"])
     lines = merged.splitlines()
-    assert lines[:4] == [*BASE.splitlines()[:3], "# CONFIG_64BIT is not set"]
-    assert "CONFIG_MODULES=y" in lines and "# CONFIG_MODULES is not set" not in lines
-    assert lines[-1] == "CONFIG_NEW=m"
+    assert lines[:3] == BASE.splitlines()[:3]  # comments kept
+    assert lines[-3:] == ["CONFIG_MODULES=y", "CONFIG_NEW=m", "# CONFIG_64BIT is not set"]
+    assert "# CONFIG_MODULES is not set" not in lines and "CONFIG_64BIT=y" not in lines
     assert kconfig.parse(merged)["CONFIG_HZ"] == "250"
+
+
+def test_a_choice_member_a_fragment_sets_comes_after_the_bases() -> None:
+    tiny = "# CONFIG_SLUB is not set\nCONFIG_SLOB=y\n"
+    lines = kconfig.merge(tiny, ["CONFIG_SLUB=y\n"]).splitlines()
+    assert lines.index("CONFIG_SLUB=y") > lines.index("CONFIG_SLOB=y")
 
 
 def test_lost_options_names_each_option_its_fragment_and_what_it_became() -> None:
