@@ -134,6 +134,8 @@ def write(
             "release": str(getattr(kernel, "release", "")),
             "version": str(getattr(kernel, "version", "")),
             "source": kernel_source,
+            "commit": str(getattr(kernel, "commit", "")),  # source kernels: the tree's state
+            "config_digest": str(getattr(kernel, "config_digest", "")),
             "identity": kernel.identity if kernel is not None else "",
             "image": str(spec.kernel),
             "image_kind": "vmlinuz"
