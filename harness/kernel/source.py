@@ -438,7 +438,7 @@ def _build_into(name: str, p: Plan, partial: Path, progress: bool, started: floa
     with (
         FileLock(str(p.build_dir) + ".lock"),
         _machine_lock(Path(lock)),
-        p.log_path.open("w") as logfile,
+        p.log_path.open("w", buffering=1) as logfile,  # line by line: tail -f works
     ):
         logfile.write(f"# bootharness build of {name}: {p.tree} at {p.state.label}\n")
         logfile.write(f"# compiler: {p.compiler}\n# output: {p.build_dir}\n")
