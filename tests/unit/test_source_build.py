@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.cli.main import main
 from harness.kernel import source
 from harness.kernel.catalogue import SourceTree
 from harness.outcome import ConfigError, Outcome
@@ -105,3 +106,76 @@ def test_a_remembered_failure_is_raised_without_building(tmp_path: Path) -> None
 )
 def test_first_error_is_the_line_that_says_why(log: str, first: str) -> None:
     assert source.first_error(log) == first
+
+
+FAKE_KBUILD = """\
+# A stand-in for kbuild: configures, then fails to compile like gcc does.
+O ?= .
+defconfig:
+\t@echo defconfig >> $(O)/../make-calls
+\t@printf 'CONFIG_MODULES=y\\n' > $(O)/.config
+olddefconfig:
+\t@true
+modules:
+\t@true
+bzImage:
+\t@echo bzImage >> $(O)/../make-calls
+\t@echo '  CC      init/main.o'
+\t@echo "init/main.c:960:9: error: 'bogus' undeclared (first use in this function)"
+\t@echo 'make[2]: *** [scripts/Makefile.build:250: init/main.o] Error 1'
+\t@exit 2
+"""
+
+
+def fake_kernel_tree(path: Path) -> Path:
+    tree = git_tree(path)
+    (tree / "Makefile").write_text(FAKE_KBUILD)
+    subprocess.run(
+        [
+            "git",
+            "-C",
+            str(tree),
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-qam",
+            "2",
+        ],
+        check=True,
+    )
+    return tree
+
+
+def test_a_failed_build_carries_the_first_error_and_is_remembered(tmp_path: Path) -> None:
+    tree = fake_kernel_tree(tmp_path / "linux")
+    plan = source.plan(SourceTree(tree=tree, config="defconfig"), tmp_path / "c", progress=False)
+    with pytest.raises(source.BuildError) as caught:
+        source.build("fake", plan, progress=False)
+    first = "init/main.c:960:9: error: 'bogus' undeclared (first use in this function)"
+    assert caught.value.first_error == first
+    assert caught.value.log_path.is_file() and first in caught.value.log_path.read_text()
+    assert not plan.output.exists(), "a failed build leaves no cache entry"
+    calls = plan.build_dir.parent / "make-calls"
+    assert calls.read_text().split() == ["defconfig", "bzImage"]
+    with pytest.raises(source.BuildError, match="remembered"):
+        source.build("fake", plan, progress=False)
+    assert calls.read_text().split() == ["defconfig", "bzImage"], "no make the second time"
+    with pytest.raises(source.BuildError):
+        source.build("fake", plan, progress=False, force=True)
+    assert calls.read_text().split().count("bzImage") == 2
+
+
+def test_bisect_step_skips_a_commit_that_does_not_build(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tree = fake_kernel_tree(tmp_path / "linux")
+    catalogue = tmp_path / "kernels.toml"
+    catalogue.write_text(f'[kernels."tree"]\ntree = "{tree}"\nconfig = "defconfig"\n')
+    argv = ["--kernels", str(catalogue), "--cache", str(tmp_path / "c")]
+    code = main(["bisect-step", "-k", "tree", *argv, "--", "boot", "--accel", "tcg"])
+    out = capsys.readouterr().out
+    assert code == 125, out
+    assert "tree does not build: init/main.c:960:9: error: 'bogus' undeclared" in out
+    assert "build log: " in out and "skip (exit 125)" in out
