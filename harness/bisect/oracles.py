@@ -37,6 +37,7 @@ from harness.outcome import ConfigError, Outcome
 from harness.storage.bootpaths import BootSpec
 from harness.vm import boot
 from harness.vm.deadlines import Deadlines
+from harness.vm.kernel_warnings import WarningPolicy
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +88,17 @@ class BootOracle:
     cmdline: str = ""
     verdicts: VerdictCache | None = None
     boot: BootSpec = field(default_factory=BootSpec)  # the boot path (default: pvh)
+    kernel_warnings: WarningPolicy = field(default_factory=WarningPolicy)
 
     @property
     def identity(self) -> str:
         """What besides the kernel and the initramfs decides the verdict."""
-        path = [] if self.boot == BootSpec() else [repr(self.boot)]  # old keys stay valid
-        return cache.digest(["boot", self.cmdline, repr(self.deadlines), *path])
+        parts = ["boot", self.cmdline, repr(self.deadlines)]
+        if self.boot != BootSpec():  # the default keeps the keys it had
+            parts.append(repr(self.boot))
+        if self.kernel_warnings != WarningPolicy():  # likewise
+            parts.append(repr(self.kernel_warnings))
+        return cache.digest(parts)
 
     def __call__(self, name: str) -> Observation:
         kernel = self.kernels(name)
@@ -111,6 +117,7 @@ class BootOracle:
             deadlines=self.deadlines,
             cmdline=self.cmdline,
             boot=self.boot,
+            kernel_warnings=self.kernel_warnings,
         )
         vm = boot.prepare_vm(
             request, cache_root=self.cache_root, workdir=_Workdirs(self.workdir).new(name)

@@ -32,8 +32,9 @@ from harness.bisect.search import bisect as run_bisect
 from harness.bisect.verdicts import VerdictCache
 from harness.cli import common, text
 from harness.image import templates
-from harness.kernel.catalogue import Catalogue
-from harness.kernel.provision import Kernel, provision
+from harness.kernel.catalogue import Catalogue, SourceTree
+from harness.kernel.provision import Kernel, build_source, provision
+from harness.kernel.source import BuildError
 from harness.outcome import ConfigError, HarnessError
 from harness.vm.accel import VALID_REQUESTS
 from harness.vm.deadlines import Deadlines
@@ -46,8 +47,8 @@ STEP_BUG = 129
 ORACLE_KINDS = ("boot", "pytest")
 
 STEP_USAGE = """\
-usage: bootharness bisect-step [--build CMD] [--verdicts DIR | --no-cache] [--kernels FILE]
-                               [--cache DIR] [-v] -- ORACLE...
+usage: bootharness bisect-step [-k NAME] [--build CMD] [--verdicts DIR | --no-cache]
+                               [--kernels FILE] [--cache DIR] [-v] -- ORACLE...
 
 ORACLE is one of
   boot [OPTIONS]             boot like `bootharness boot` with the same options: -k NAME,
@@ -58,10 +59,15 @@ ORACLE is one of
   pytest NODEID [ARGS...]    run one pytest node id with --kernel NAME (from ARGS, default:
                              the default kernel) and the other ARGS
 
-Runs --build CMD first (with sh -c, in the current folder), then the oracle, and exits
-0 good, 1 bad, 125 skip (INFRA_ERROR or a failed build), 128 abort (usage or configuration
-error), 129 abort (harness bug). Example:
+-k NAME names the kernel to judge (the oracle's -k / --kernel otherwise). A kernel built from
+source (tree = ... in kernels.toml) is built first, at the commit checked out, through the
+cache (a commit built before is not built again); a commit that does not build is a skip with
+the compiler's first error. --build CMD runs a command of your own first instead (sh -c, in
+the current folder). Then the oracle runs, and the step exits 0 good, 1 bad, 125 skip
+(INFRA_ERROR or a failed build), 128 abort (usage or configuration error), 129 abort
+(harness bug). Examples:
   git bisect run bootharness bisect-step -- boot --template-dir . --run 'cat /proc/version'
+  git bisect run bootharness bisect-step -k my-tree -- boot --run 'test -b /dev/vda'
 """
 
 
@@ -312,6 +318,7 @@ class _StepParser(argparse.ArgumentParser):
 def _step_parser() -> _StepParser:
     parser = _StepParser(prog="bootharness bisect-step", add_help=False, usage=STEP_USAGE)
     parser.add_argument("-h", "--help", action="store_true")
+    parser.add_argument("-k", "--kernel", metavar="NAME")
     parser.add_argument("--build", metavar="CMD")
     parser.add_argument("--verdicts", type=Path, metavar="DIR")
     parser.add_argument("--no-cache", action="store_true")
@@ -371,10 +378,22 @@ def _bisect_step(args: argparse.Namespace) -> int:
     root = common.cache_of(args)
     verdicts = None if options.no_cache else VerdictCache(options.verdicts or root / "verdicts")
     catalogue = common.catalogue_of(args)
+    if options.kernel and not {"-k", "--kernel"} & set(oracle[1:]):
+        oracle = [oracle[0], "--kernel", options.kernel, *oracle[1:]]
     if oracle[0] == "boot":
         name, judge = _step_boot_oracle(oracle[1:], catalogue, root, verdicts)
     else:
         name, judge = _step_pytest_oracle(oracle[1:], catalogue, root, verdicts)
+    entry = catalogue.get(name)
+    if isinstance(entry.source, SourceTree):
+        try:
+            kernel = build_source(entry, root)
+        except BuildError as error:
+            print(f"bisect-step: {name} does not build: {error.first_error}", flush=True)
+            print(f"bisect-step: build log: {error.log_path}", flush=True)
+            print(f"bisect-step: skip (exit {STEP_SKIP})", flush=True)
+            return STEP_SKIP
+        print(f"bisect-step: kernel {name} {kernel.release} at {kernel.commit}", flush=True)
     started = time.monotonic()
     try:
         observation = judge(name)
@@ -431,6 +450,7 @@ def _step_boot_oracle(
         cmdline=boot_args.cmdline,
         verdicts=verdicts,
         boot=common.boot_spec(boot_args),
+        kernel_warnings=common.warnings_policy(boot_args),
     )
     return entry.name, oracle
 

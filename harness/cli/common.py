@@ -42,6 +42,9 @@ from harness.storage.controllers import Disk
 from harness.vm.accel import VALID_REQUESTS, KvmFallbackWarning, choose_accelerator
 from harness.vm.boot import BootRequest
 from harness.vm.deadlines import Deadlines
+from harness.vm.kernel_warnings import DEFAULT_MODE as DEFAULT_WARNING_MODE
+from harness.vm.kernel_warnings import MODES as WARNING_MODES
+from harness.vm.kernel_warnings import WarningPolicy, policy
 from harness.vm.patterns import ConsoleVerdict
 
 USAGE_EXIT = Outcome.CONFIG_ERROR.cli_exit
@@ -251,11 +254,35 @@ def add_boot_options(parser: argparse.ArgumentParser) -> None:
         help="the controller of the boot disk, on paths through one (default: ahci)",
     )
     parser.add_argument(
+        "--kernel-warnings",
+        choices=WARNING_MODES,
+        default=DEFAULT_WARNING_MODE,
+        help="what kernel warnings (WARN, lockdep, sleeping in atomic context, RCU stalls, "
+        "hung tasks) do: fail the boot, report them (default), or ignore them",
+    )
+    parser.add_argument(
+        "--kernel-warnings-allowlist",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="known warnings ([[warning]] tables with regex and reason): never fail a boot",
+    )
+    parser.add_argument(
         "--workdir",
         type=Path,
         metavar="DIR",
         help="folder for the run's files (default: under <cache>/runs)",
     )
+
+
+def warnings_policy(args: argparse.Namespace) -> WarningPolicy:
+    """The kernel warnings policy of a boot's options (see :func:`add_boot_options`).
+
+    Raises:
+        ConfigError: an allowlist file is unreadable or invalid.
+    """
+    return policy(args.kernel_warnings, args.kernel_warnings_allowlist)
 
 
 def accelerator(requested: str, root: Path) -> str:
@@ -408,6 +435,9 @@ def boot_request(
         verdict=ConsoleVerdict(tuple(args.expect), tuple(args.fail), args.root_failures),
         markers=args.markers,
         boot=boot_spec(args) if getattr(args, "boot_path", None) else BootSpec(),
+        kernel_warnings=(
+            warnings_policy(args) if hasattr(args, "kernel_warnings") else WarningPolicy()
+        ),
     )
     if not request.prints_markers and not args.expect:
         raise ConfigError(

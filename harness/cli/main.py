@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from harness.cli import bisect as bisect_commands
+from harness.cli import build as build_commands
 from harness.cli import foreign as foreign_commands
 from harness.cli import matrix as matrix_commands
 from harness.cli import report as report_commands
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=cmd_boot)
     # Command groups in modules of their own: each register() adds its subcommands.
-    for module in (bisect_commands, matrix_commands, report_commands):
+    for module in (build_commands, bisect_commands, matrix_commands, report_commands):
         module.register(commands, common)
     return parser
 

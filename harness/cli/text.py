@@ -14,7 +14,7 @@ from pathlib import Path
 from harness.bisect.search import BisectResult
 from harness.image.cpio import Entry, EntryKind
 from harness.image.initramfs import Initramfs
-from harness.kernel.catalogue import DebianPackage, KernelEntry
+from harness.kernel.catalogue import DebianPackage, KernelEntry, SourceTree
 
 
 @dataclass(frozen=True)
@@ -28,9 +28,12 @@ class KernelRow:
 
 
 def source_of(entry: KernelEntry) -> str:
-    """The package name of a Debian kernel, the vmlinuz path of a local one."""
+    """The package name of a Debian kernel, the vmlinuz path of a local one, the tree (and
+    base config) of one built from source."""
     if isinstance(entry.source, DebianPackage):
         return entry.source.package
+    if isinstance(entry.source, SourceTree):
+        return f"build: {entry.source.label} ({entry.source.config})"
     return str(entry.source.vmlinuz)
 
 

@@ -24,6 +24,7 @@ from harness.kernel import capabilities
 from harness.kernel import provision as kernels
 from harness.kernel.catalogue import KernelEntry
 from harness.outcome import ConfigError, HarnessError
+from harness.plugin import kernel_warnings
 from harness.plugin.settings import Settings, matrix_key, passed_key, settings_key, vms_key
 from harness.snapshot import restore as snapshots
 from harness.storage import attach as storage
@@ -335,6 +336,7 @@ def boot(
             verdict=ConsoleVerdict(tuple(expect), tuple(fail), root_failures),
             markers=markers,
             boot=boot_spec,
+            kernel_warnings=kernel_warnings.policy_for(request.node, settings),
         )
         # Snapshots (harness/snapshot/restore.py): every restore attaches its own overlays.
         # They resume at our init's ready point, which an init without markers has not; a

@@ -17,7 +17,7 @@ from harness import __version__
 from harness.kernel.catalogue import Catalogue, find_catalogue, load_catalogue
 from harness.outcome import ConfigError, HarnessError, InfraError
 from harness.plugin import collector as collector_module
-from harness.plugin import fixtures, matrix, recorder, servers
+from harness.plugin import fixtures, kernel_warnings, matrix, recorder, servers
 from harness.plugin.settings import (
     catalogue_key,
     matrix_key,
@@ -88,6 +88,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     parser.addini("bootharness_initrd", "the prebuilt initrd of the `initrd` fixture", default="")
     matrix.add_options(group, parser)  # controllers, templates, retries, reports
+    kernel_warnings.add_options(group, parser)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -112,10 +113,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "cold_boot: always boot this test's VMs cold, even with --snapshots"
     )
+    kernel_warnings.configure(config)
     settings = read_settings(config)
     config.stash[settings_key] = settings
     config.pluginmanager.register(fixtures, "bootharness-fixtures")
     config.pluginmanager.register(servers, "bootharness-servers")
+    config.pluginmanager.register(kernel_warnings.KernelWarnings(), "bootharness-kernel-warnings")
     _register_matrix_parts(config)
     if settings.kernels_file or settings.kernel_selectors:
         # Asked for explicitly: a bad file or selector is a usage error before collection.

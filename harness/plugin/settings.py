@@ -8,7 +8,7 @@ plugin's imports run one way: settings <- fixtures, matrix, recorder, collector 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,9 @@ from harness.storage import bootpaths, controllers
 from harness.vm.accel import VALID_REQUESTS
 from harness.vm.boot import Vm
 from harness.vm.deadlines import Deadlines
+from harness.vm.kernel_warnings import MODES as WARNING_MODES
+from harness.vm.kernel_warnings import WarningPolicy
+from harness.vm.kernel_warnings import policy as warning_policy
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class Settings:
     cache_dir: Path
     snapshots: str = "off"  # off, auto, shared-ram or stream (harness.snapshot.restore)
     initrd: Path | None = None  # --initrd FILE: the prebuilt image the `initrd` fixture gives
+    kernel_warnings: WarningPolicy = field(default_factory=WarningPolicy)  # and allowlists
 
 
 settings_key = pytest.StashKey[Settings]()
@@ -107,6 +111,21 @@ def read_settings(config: pytest.Config) -> Settings:
         raise pytest.UsageError(
             f"bootharness_snapshots = {snapshots!r}: use one of {', '.join(MODES)}"
         )
+    mode = pick("kernel_warnings", "bootharness_kernel_warnings") or "report"
+    if mode not in WARNING_MODES:
+        raise pytest.UsageError(
+            f"--kernel-warnings / bootharness_kernel_warnings = {mode!r}: use one of "
+            f"{', '.join(WARNING_MODES)}"
+        )
+    allowlists = config.getoption("kernel_warnings_allowlist") or config.getini(
+        "bootharness_kernel_warnings_allowlist"
+    )
+    try:
+        policy = warning_policy(
+            mode, [config.invocation_params.dir / str(path) for path in allowlists]
+        )
+    except ConfigError as error:
+        raise pytest.UsageError(str(error)) from error
     return Settings(
         kernels_file=pick("kernels", "bootharness_kernels") or None,
         kernel_selectors=selectors,
@@ -118,6 +137,7 @@ def read_settings(config: pytest.Config) -> Settings:
         cache_dir=cache.cache_root(pick("bootharness_cache", "bootharness_cache") or None),
         snapshots=snapshots,
         initrd=_initrd(pick("initrd", "bootharness_initrd")),
+        kernel_warnings=policy,
     )
 
 

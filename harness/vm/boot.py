@@ -16,7 +16,7 @@ import re
 import secrets
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,10 +27,12 @@ from harness.image.foreign import OverlayFiles
 from harness.image.initramfs import Initramfs, InitramfsSpec
 from harness.image.initramfs import build as build_initramfs
 from harness.kernel.provision import Kernel
+from harness.kernel.symbols import Symboliser, trace_block
 from harness.outcome import (
     ConfigError,
     Evidence,
     HarnessError,
+    KernelFault,
     Outcome,
     TestFailure,
 )
@@ -41,8 +43,10 @@ from harness.storage.controllers import Disk
 from harness.vm import exitcode, loader, power
 from harness.vm.console import Console, ConsoleClosed, Mark, marker_regex
 from harness.vm.deadlines import DEFAULT_DEADLINES, Deadlines
-from harness.vm.dimensions import FOREIGN, UNKNOWN, Dimensions, joined, warning_line
-from harness.vm.faults import Severity
+from harness.vm.dimensions import FOREIGN, UNKNOWN, Dimensions, joined
+from harness.vm.faults import Fault
+from harness.vm.kernel_warnings import WarningPolicy
+from harness.vm.kernel_warnings import summary as warning_summary
 from harness.vm.machine import Machine, MachineSpec
 from harness.vm.patterns import INIT_START_REGEX, ConsoleVerdict
 from harness.vm.qmp import Qmp, QmpEvent
@@ -115,6 +119,7 @@ class BootRequest:
     verdict: ConsoleVerdict = field(default_factory=ConsoleVerdict)
     markers: bool | None = None
     boot: BootSpec = field(default_factory=BootSpec)  # the boot path (default: pvh)
+    kernel_warnings: WarningPolicy = field(default_factory=WarningPolicy)
 
     @property
     def prints_markers(self) -> bool:
@@ -255,6 +260,7 @@ def vm_for(
         markers=request.prints_markers,
         boot=request.boot,
         dimensions=declared_dimensions(request, booted=spec.initrd),
+        kernel_warnings=request.kernel_warnings,
     )
 
 
@@ -302,6 +308,17 @@ def machine_spec(
     return MachineSpec(kernel=image, initrd=initrd, cmdline=line, accel=accel, **options)
 
 
+def symboliser_for(kernel: Kernel | None) -> Symboliser | None:
+    """What symbolises ``kernel``'s traces: its own vmlinux (a source build's, with debug info
+    when it was built with it), System.map and modules; None when it has none of them."""
+    if kernel is None:
+        return None
+    symboliser = Symboliser(
+        system_map=kernel.system_map, vmlinux=kernel.debug_vmlinux, modules_dir=kernel.modules_dir
+    )
+    return symboliser if symboliser.useful else None
+
+
 @dataclass
 class BootResult:
     """What one boot did, for reports, junit properties and bisect logs."""
@@ -317,6 +334,7 @@ class BootResult:
     error: HarnessError | None = None
     boot_path: str = bootpaths.DEFAULT_BOOT_PATH
     boot_entry: str = ""  # the boot loader's menu entry that booted, when there was one
+    warnings: list[str] = field(default_factory=list)  # kernel warnings the policy lists
 
     @property
     def boot_time(self) -> float | None:
@@ -337,7 +355,10 @@ class BootResult:
 
     def end_lines(self) -> list[str]:
         """The outcome, the console log and, for a failure, its evidence."""
-        lines = [f"outcome:  {self.outcome.name}" + (f": {self.message}" if self.message else "")]
+        lines = [f"warning:  {warning}" for warning in self.warnings]
+        lines.append(
+            f"outcome:  {self.outcome.name}" + (f": {self.message}" if self.message else "")
+        )
         if self.log_path is not None:
             lines.append(f"console:  {self.log_path}")
         if self.error is not None and self.outcome is not Outcome.PASS:
@@ -391,10 +412,13 @@ class Vm:
         markers: bool = True,
         boot: BootSpec | None = None,
         dimensions: Dimensions = UNKNOWN,
+        kernel_warnings: WarningPolicy | None = None,
     ) -> None:
         self.spec = spec
         self.boot = boot or BootSpec()  # the boot path and, through a disk, menu and entry
         self.kernel = kernel  # what it boots, for reports (None for a hand-made spec)
+        self.kernel_warnings = kernel_warnings or WarningPolicy()
+        self.symboliser = symboliser_for(kernel)
         self.storage = storage  # the disks attached, when the test gave some
         self.load_factor = load_factor  # how much the machine's load stretched the deadlines
         self.boot_mechanism = "cold"  # or how a snapshot restored it (harness.snapshot.restore)
@@ -435,6 +459,8 @@ class Vm:
             failure_rows=self.verdict.failure_rows(markers=self.markers),
             kernel_phases=not self.markers,
             watches=watches,
+            warnings=self.kernel_warnings,
+            symbolise=self.symbolise,
         )
 
     @property
@@ -448,7 +474,7 @@ class Vm:
     def dimensions(self) -> Dimensions:
         """What this VM boots, for reports: the declared dimensions (boot path, initramfs)
         with what the VM itself knows: its kernel, its disks' controllers and layout, and the
-        kernel warnings its console has shown so far."""
+        kernel warnings its console has shown so far (those the warnings policy lists)."""
         found = self.declared
         if self.kernel is not None:
             found = replace(
@@ -465,14 +491,79 @@ class Vm:
             found = replace(found, layout=self.storage.layout or found.layout)
         if names:
             found = replace(found, controller=joined(names))
-        return replace(found, kernel_warnings=self.kernel_warnings())
+        return replace(found, kernel_warnings=tuple(self.warning_lines()))
 
-    def kernel_warnings(self) -> tuple[str, ...]:
-        """Each kernel WARNING the console has shown, as one line without its time stamp."""
+    def symbolise(self, text: str, offset: int) -> str:
+        """The trace of the fault at ``offset`` in console ``text``, symbolised against the
+        kernel's vmlinux (file:line, with debug info) or System.map; "" if nothing to add."""
+        if self.symboliser is None:
+            return ""
+        return self.symboliser.decode(trace_block(text, offset))
+
+    def warnings(self) -> list[Fault]:
+        """The kernel warnings seen so far that the policy lists (none before launch)."""
         if not self.machine.launched:
-            return ()
-        faults = self.machine.console.recorder.scanner.faults
-        return tuple(warning_line(f.line) for f in faults if f.severity is Severity.WARNING)
+            return []
+        return self.machine.console.reported_warnings()
+
+    def warning_lines(self) -> list[str]:
+        """Each listed warning's console line without its time stamp: what reports show."""
+        return [warning_summary(fault) for fault in self.warnings()]
+
+    def unraised_failing_warnings(self) -> list[Fault]:
+        """Warnings the policy fails on that no wait has raised yet (printed after the last
+        wait on the console): the plugin fails the test on them when it ends."""
+        if not self.machine.launched:
+            return []
+        recorder = self.machine.console.recorder
+        failing = recorder.policy.failing(recorder.scanner.faults)
+        return [f for f in failing if f.offset not in recorder.raised]
+
+    def warning_fault(self, found: Sequence[Fault], *, phase: str) -> KernelFault:
+        """The KERNEL_FAULT for warnings the policy fails on, with the first one's evidence."""
+        first = found[0]
+        console = self.machine.console
+        console.recorder.raised.update(f.offset for f in found)
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        evidence = replace(
+            self.evidence(phase),
+            excerpt=first.excerpt,
+            trace=console.trace_of([first]),
+        )
+        return KernelFault(
+            f"kernel warning (kernel warnings policy: fail): {first.name}: "
+            f"{warning_summary(first)}{more}",
+            evidence,
+        )
+
+    def warnings_section(self) -> str:
+        """The warnings of this VM for a test's report: listed ones, and the allow-listed ones
+        with their reasons ("" when there are none)."""
+        if not self.machine.launched:
+            return ""
+        recorder = self.machine.console.recorder
+        lines = [f"{f.name}: {warning_summary(f)}" for f in self.warnings()]
+        lines += [
+            f"known ({entry.reason}): {warning_summary(f)}"
+            for f, entry in recorder.policy.known(recorder.scanner.faults)
+        ]
+        return "\n".join(lines)
+
+    def fault_traces(self) -> str:
+        """Every fault seen (warnings the policy lists included), each with its symbolised
+        trace when the kernel's files add something: for bundles and reports."""
+        if not self.machine.launched:
+            return ""
+        console = self.machine.console
+        blocks = []
+        listed = {id(f) for f in console.reported_warnings()}
+        for fault in console.recorder.scanner.faults:
+            if fault.severity.name == "WARNING" and id(fault) not in listed:
+                continue
+            trace = self.symbolise(console.recorder.text, fault.offset)
+            if trace:
+                blocks.append(f"{fault.name}: {warning_summary(fault)}\n{trace}")
+        return "\n\n".join(blocks)
 
     @property
     def console(self) -> Console:
@@ -511,6 +602,8 @@ class Vm:
         """Launch QEMU from the firmware and wait for the kernel to start /init (the init's
         INIT-START marker, or without markers the kernel's "Run /init as init process"); on
         a path through firmware and a loader, drive the loader phase in between."""
+        if self.symboliser is not None:
+            self.symboliser.preload()
         self.machine.launch()
         self.machine.resume()
         path = self.boot.path
@@ -698,4 +791,5 @@ def run(vm: Vm, *, kernel: Kernel, accel: str, wait_shutdown: bool = True) -> Bo
         error=error,
         boot_path=vm.boot.path.name,
         boot_entry=vm.boot_entry,
+        warnings=vm.warning_lines(),
     )

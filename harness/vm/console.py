@@ -16,7 +16,7 @@ import re
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import InitVar, dataclass, field
+from dataclasses import InitVar, dataclass, field, replace
 from pathlib import Path
 
 import pexpect
@@ -24,6 +24,7 @@ import pexpect.fdpexpect
 
 from harness.outcome import BootTimeout, Evidence, KernelFault, TestFailure
 from harness.vm import faults
+from harness.vm.kernel_warnings import WarningPolicy, summary
 from harness.vm.patterns import LineWatcher
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class ConsoleRecorder:
     started: float
     nonce: str
     expected_boots: InitVar[int] = 1
+    policy: WarningPolicy = field(default_factory=WarningPolicy)
     marks: list[Mark] = field(default_factory=list)
     # (mark name, pattern) looked for in each line before the first kernel banner, escapes
     # removed: the firmware's and the boot loader's progress (harness.storage.bootpaths).
@@ -69,6 +71,7 @@ class ConsoleRecorder:
     watcher: LineWatcher | None = None
     _chunks: list[str] = field(default_factory=list)
     _partial: str = ""
+    raised: set[int] = field(default_factory=set)  # offsets of faults already raised on
 
     def __post_init__(self, expected_boots: int) -> None:
         # The scanner alone counts boots: a reset on purpose announces one more to it.
@@ -127,8 +130,18 @@ class ConsoleRecorder:
         return next((m for m in self.marks if m.name == name), None)
 
     def serious_faults(self) -> list[faults.Fault]:
-        """Faults at error level or worse: these make a boot a KERNEL_FAULT."""
-        return [f for f in self.scanner.faults if f.severity >= faults.Severity.ERROR]
+        """Faults that make a boot a KERNEL_FAULT: errors and worse, and the warnings the
+        policy fails on (``--kernel-warnings fail``, not on the allowlist)."""
+        seen = self.scanner.faults
+        serious = [f for f in seen if f.severity >= faults.Severity.ERROR]
+        failing = self.policy.failing(seen)
+        if failing:
+            serious = sorted([*serious, *failing], key=lambda f: f.offset)
+        return serious
+
+    def reported_warnings(self) -> list[faults.Fault]:
+        """The kernel warnings to list on the test and in reports (the policy's choice)."""
+        return self.policy.reported(self.scanner.faults)
 
 
 def parse_marker(line: str, nonce: str) -> tuple[str, str] | None:
@@ -161,18 +174,25 @@ class Console:
         log_path: Path,
         external_fault: Callable[[], str | None] = lambda: None,
         evidence: Callable[[], Evidence] = Evidence,
+        symbolise: Callable[[str, int], str] = lambda text, offset: "",
     ) -> None:
         self._sock = sock
         self.recorder = recorder
         self.log_path = log_path
         self._external_fault = external_fault
         self._evidence = evidence
+        # (console text, offset of the fault's line) -> the symbolised trace, or "".
+        self._symbolise = symbolise
         self.child = pexpect.fdpexpect.fdspawn(
             sock, encoding="utf-8", codec_errors="replace", timeout=None
         )
         self.child.delaybeforesend = None  # pexpect sleeps 50 ms before each send by default
         self.child.logfile_read = recorder
         self._closed = False  # the console reached end of file
+
+    def reported_warnings(self) -> list[faults.Fault]:
+        """The kernel warnings the policy lists (every warning not on the allowlist)."""
+        return self.recorder.reported_warnings()
 
     def send(self, text: str) -> None:
         self.child.send(text)
@@ -241,17 +261,44 @@ class Console:
         self.recorder.scanner.flush()
         serious = self.recorder.serious_faults()
         text = self.recorder.text
+        trace = ""
         if serious:
             worst = max(serious, key=lambda f: f.severity)
-            summary = f"kernel fault: {worst.name}: {worst.line.strip()}"
-            snippet = faults.excerpt(text, worst.offset)
+            if worst.severity is faults.Severity.WARNING:
+                message = f"kernel warning (kernel warnings policy: fail): {worst.name}: "
+                message += summary(worst)
+                snippet = worst.excerpt or faults.excerpt(text, worst.offset)
+            else:
+                message = f"kernel fault: {worst.name}: {worst.line.strip()}"
+                snippet = faults.excerpt(text, worst.offset)
+            trace = self.trace_of(serious)
         else:
-            summary = f"kernel fault reported by QEMU: {external}"
+            message = f"kernel fault reported by QEMU: {external}"
             snippet = ""
         if external is not None and serious:
-            summary += f" (QEMU also reported {external})"
-        evidence = self._with(phase, timeout, excerpt=snippet)
-        raise KernelFault(summary, evidence)
+            message += f" (QEMU also reported {external})"
+        self.recorder.raised.update(f.offset for f in serious)
+        evidence = replace(self._with(phase, timeout, excerpt=snippet), trace=trace)
+        raise KernelFault(message, evidence)
+
+    def trace_of(self, found: list[faults.Fault]) -> str:
+        """The symbolised stack trace of the first of ``found`` that has one ("" when the
+        kernel's files add nothing).
+
+        The first fault of a kernel event carries the trace: a NULL dereference prints "BUG:
+        kernel NULL pointer dereference", "Oops", the trace, then "Kernel panic ... Fatal
+        exception", so the trace follows the first line, not the worst.
+        """
+        text = self.recorder.text
+        for fault in sorted(found, key=lambda f: f.offset)[:3]:
+            try:
+                trace = self._symbolise(text, fault.offset)
+            except (OSError, ValueError) as error:  # never hide the fault itself
+                log.warning("cannot symbolise the trace of %s: %s", fault.name, error)
+                return ""
+            if trace:
+                return trace
+        return ""
 
     def check_failures(self, phase: str, timeout: float) -> None:
         """Raise TestFailure if a failure pattern matched a console line (after a short

@@ -23,13 +23,14 @@ import socket
 import subprocess
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness import tools
 from harness.outcome import Evidence, InfraError
 from harness.vm.console import Console, ConsoleRecorder
+from harness.vm.kernel_warnings import WarningPolicy
 from harness.vm.patterns import FailurePattern, LineWatcher
 from harness.vm.qmp import Qmp, QmpError
 
@@ -121,6 +122,9 @@ def _die_with_parent(parent: int) -> None:
 _LIVE: weakref.WeakSet[Machine] = weakref.WeakSet()
 
 
+DEFAULT_POLICY = WarningPolicy()
+
+
 @atexit.register
 def _stop_all() -> None:
     for machine in list(_LIVE):
@@ -143,6 +147,8 @@ class Machine:
         failure_rows: Sequence[FailurePattern] = (),
         kernel_phases: bool = False,
         watches: tuple[tuple[str, re.Pattern[str]], ...] = (),
+        warnings: WarningPolicy = DEFAULT_POLICY,
+        symbolise: Callable[[str, int], str] = lambda text, offset: "",
     ):
         self.spec = spec
         self.workdir = workdir
@@ -153,6 +159,8 @@ class Machine:
         self.failure_rows = tuple(failure_rows)
         self.kernel_phases = kernel_phases
         self.watches = watches  # console patterns of the firmware and loader to mark
+        self.warnings = warnings  # what kernel warnings do to the boot
+        self.symbolise = symbolise  # (console text, fault offset) -> symbolised trace
         self.argv: list[str] = []
         self.started = 0.0
         self.process: subprocess.Popen[bytes] | None = None
@@ -238,7 +246,12 @@ class Machine:
         if self.failure_rows or self.kernel_phases:
             watcher = LineWatcher(self.failure_rows, phases=self.kernel_phases)
         recorder = ConsoleRecorder(
-            self.started, self.nonce, self.expected_boots, watcher=watcher, watches=self.watches
+            self.started,
+            self.nonce,
+            self.expected_boots,
+            watcher=watcher,
+            watches=self.watches,
+            policy=self.warnings,
         )
         self._console = Console(
             console_ours,
@@ -246,6 +259,7 @@ class Machine:
             log_path=self.console_log,
             external_fault=self._qmp_panic,
             evidence=self.evidence,
+            symbolise=self.symbolise,
         )
         try:
             self._qmp = Qmp(qmp_ours, timeout=QMP_CONNECT_TIMEOUT, log_path=self.qmp_log)

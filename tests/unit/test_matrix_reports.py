@@ -48,8 +48,9 @@ def test_load_factor_of_this_machine_follows_proc_loadavg() -> None:
     before = one_minute()
     factor = loadscale.load_factor()
     after = one_minute()
-    expected = {round(min(4.0, max(1.0, load / cpus)), 3) for load in (before, after)}
-    assert factor in expected, (factor, before, after, cpus)
+    # /proc/loadavg shows two decimals; the harness reads the full value (os.getloadavg).
+    expected = [min(4.0, max(1.0, load / cpus)) for load in (before, after)]
+    assert any(abs(factor - e) <= 0.006 / cpus + 0.001 for e in expected), (factor, expected)
 
 
 def _report(when: str, outcome: str, longrepr: object = None) -> pytest.TestReport:
