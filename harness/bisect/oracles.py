@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import cache
+from harness import cache, lifeline
 from harness.bisect.search import Observation
 from harness.bisect.verdicts import VerdictCache, verdict_key
 from harness.image import initramfs as initramfs_module
@@ -31,6 +31,8 @@ from harness.kernel.provision import Kernel
 from harness.outcome import ConfigError, Outcome
 from harness.vm import boot
 from harness.vm.deadlines import Deadlines
+from harness.vm.sandbox import DEFAULT as DEFAULT_SANDBOX
+from harness.vm.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,7 @@ class BootOracle:
     deadlines: Deadlines = field(default_factory=Deadlines)
     cmdline: str = ""
     verdicts: VerdictCache | None = None
+    sandbox: Sandbox = DEFAULT_SANDBOX
 
     @property
     def identity(self) -> str:
@@ -97,7 +100,12 @@ class BootOracle:
             return Observation(hit.outcome, hit.log_path, hit.message, cached=True)
         started = time.monotonic()
         request = boot.BootRequest(
-            kernel, self.spec, accel=self.accel, deadlines=self.deadlines, cmdline=self.cmdline
+            kernel,
+            self.spec,
+            accel=self.accel,
+            deadlines=self.deadlines,
+            cmdline=self.cmdline,
+            machine_options={"sandbox": self.sandbox},
         )
         vm = boot.prepare_vm(
             request, cache_root=self.cache_root, workdir=_Workdirs(self.workdir).new(name)
@@ -188,7 +196,8 @@ class PytestOracle:
         started = time.monotonic()
         with output.open("w") as out:
             try:
-                code = subprocess.run(
+                # Guarded: a killed bisect takes the pytest run (and through it its VMs) along.
+                code = lifeline.run_guarded(
                     argv, cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT, timeout=self.timeout
                 ).returncode
             except subprocess.TimeoutExpired:

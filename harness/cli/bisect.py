@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import subprocess
 import sys
 import time
 import traceback
@@ -27,6 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from harness import lifeline
 from harness.bisect.oracles import BootOracle, PytestOracle
 from harness.bisect.search import Observation, Step
 from harness.bisect.search import bisect as run_bisect
@@ -303,7 +303,8 @@ def _bisect_step(args: argparse.Namespace) -> int:
     args.cache = options.cache or args.cache
     if options.build:
         print(f"bisect-step: building: {options.build}", flush=True)
-        built = subprocess.run(["sh", "-c", options.build], check=False).returncode
+        # Guarded: a killed bisect-step takes its build (make and the compilers) along.
+        built = lifeline.run_guarded(["sh", "-c", options.build]).returncode
         if built != 0:
             print(f"bisect-step: the build exited {built} -> skip (exit {STEP_SKIP})", flush=True)
             return STEP_SKIP
@@ -351,6 +352,7 @@ def _step_boot_oracle(
         deadlines=Deadlines.from_options(boot_args.boot_timeout, boot_args.timeout_multiplier),
         cmdline=boot_args.cmdline,
         verdicts=verdicts,
+        sandbox=common.sandbox_of(boot_args),
     )
     return entry.name, oracle
 

@@ -33,6 +33,8 @@ from harness.kernel.catalogue import (
 )
 from harness.outcome import ConfigError, Outcome
 from harness.vm.accel import VALID_REQUESTS
+from harness.vm.sandbox import DEDICATED_USER, FALLBACK_USER, SANDBOX_CHOICES, Sandbox
+from harness.vm.sandbox import from_options as sandbox_from_options
 
 USAGE_EXIT = Outcome.CONFIG_ERROR.cli_exit
 ESCAPE = b"\x1d"  # Ctrl-], as telnet and virsh console use
@@ -220,8 +222,25 @@ def add_boot_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cmdline", default="", metavar="EXTRA", help="extra kernel command line")
     parser.add_argument(
+        "--qemu-sandbox",
+        choices=SANDBOX_CHOICES,
+        default="on",
+        help="QEMU's seccomp sandbox (default on; off: QEMU also keeps our user)",
+    )
+    parser.add_argument(
+        "--qemu-user",
+        metavar="USER",
+        help="whom QEMU runs as once set up (name or UID:GID; none: stay); default, as root: "
+        f"{DEDICATED_USER} if that user exists, else {FALLBACK_USER}",
+    )
+    parser.add_argument(
         "--workdir",
         type=Path,
         metavar="DIR",
         help="folder for the run's files (default: under <cache>/runs)",
     )
+
+
+def sandbox_of(args: argparse.Namespace) -> Sandbox:
+    """The QEMU sandbox ``--qemu-sandbox`` and ``--qemu-user`` ask for."""
+    return sandbox_from_options(args.qemu_sandbox, args.qemu_user)

@@ -32,6 +32,7 @@ from harness.cli.common import (
     initramfs_spec,
     new_run_dir,
     one_kernel,
+    sandbox_of,
     setup_logging,
 )
 from harness.image import cpio, initramfs
@@ -180,7 +181,12 @@ def cmd_boot(args: argparse.Namespace) -> int:
     deadlines = Deadlines.from_options(args.boot_timeout, args.timeout_multiplier)
     spec = initramfs_spec(args, after="shell" if args.shell else None)
     request = boot.BootRequest(
-        kernel, spec, accel=choice.name, deadlines=deadlines, cmdline=args.cmdline
+        kernel,
+        spec,
+        accel=choice.name,
+        deadlines=deadlines,
+        cmdline=args.cmdline,
+        machine_options={"sandbox": sandbox_of(args)},
     )
     vm = boot.prepare_vm(
         request, cache_root=root, workdir=args.workdir or new_run_dir(root, kernel.name)

@@ -228,7 +228,7 @@ def boot(
             expected_boots=expected_boots,
             storage=disk_setup,
             load_factor=load,
-            machine_options=machine_options,
+            machine_options={"sandbox": settings.sandbox, **machine_options},
         )
         # Snapshots (harness/snapshot/restore.py): every restore attaches its own overlays.
         mode = _snapshot_mode(request, settings, snapshot)

@@ -13,7 +13,7 @@ from collections.abc import Generator
 
 import pytest
 
-from harness import __version__
+from harness import __version__, lifeline
 from harness.kernel.catalogue import Catalogue, find_catalogue, load_catalogue
 from harness.outcome import ConfigError, HarnessError, InfraError
 from harness.plugin import collector as collector_module
@@ -31,6 +31,7 @@ from harness.report import history
 from harness.snapshot.restore import MODES
 from harness.vm.accel import VALID_REQUESTS
 from harness.vm.boot import Vm, qemu_version
+from harness.vm.sandbox import DEDICATED_USER, FALLBACK_USER, SANDBOX_CHOICES
 from harness.vm.state import render_event_log
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "works; default off; marker snapshot / cold_boot per test)",
     )
     parser.addini("bootharness_snapshots", "snapshots: off, auto, shared-ram or stream", default="")
+    group.addoption(
+        "--qemu-sandbox",
+        choices=SANDBOX_CHOICES,
+        help="QEMU's seccomp sandbox (default on; off: QEMU also keeps our user)",
+    )
+    group.addoption(
+        "--qemu-user",
+        metavar="USER",
+        help="whom QEMU runs as once set up (name or UID:GID; none: stay). Default, as root: "
+        f"{DEDICATED_USER} if that user exists, else {FALLBACK_USER}",
+    )
+    parser.addini("bootharness_qemu_sandbox", "QEMU's seccomp sandbox: on or off", default="")
+    parser.addini("bootharness_qemu_user", "whom QEMU runs as once set up", default="")
     matrix.add_options(group, parser)  # controllers, templates, retries, reports
 
 
@@ -108,6 +122,10 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     settings = read_settings(config)
     config.stash[settings_key] = settings
+    if hasattr(config, "workerinput"):
+        # A pytest-xdist worker runs for its controller alone: when the controller dies
+        # (a cancelled CI job, SIGKILL) stop this worker's VMs at once and exit.
+        lifeline.watch_parent()
     config.pluginmanager.register(fixtures, "bootharness-fixtures")
     _register_matrix_parts(config)
     if settings.kernels_file or settings.kernel_selectors:

@@ -22,6 +22,9 @@ from harness.storage import controllers
 from harness.vm.accel import VALID_REQUESTS
 from harness.vm.boot import Vm
 from harness.vm.deadlines import Deadlines
+from harness.vm.sandbox import DEFAULT as DEFAULT_SANDBOX
+from harness.vm.sandbox import SANDBOX_CHOICES, Sandbox
+from harness.vm.sandbox import from_options as sandbox_from_options
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class Settings:
     keep_artifacts: bool
     cache_dir: Path
     snapshots: str = "off"  # off, auto, shared-ram or stream (harness.snapshot.restore)
+    sandbox: Sandbox = DEFAULT_SANDBOX  # QEMU's seccomp filter and user (harness.vm.sandbox)
 
 
 settings_key = pytest.StashKey[Settings]()
@@ -103,6 +107,11 @@ def read_settings(config: pytest.Config) -> Settings:
         raise pytest.UsageError(
             f"bootharness_snapshots = {snapshots!r}: use one of {', '.join(MODES)}"
         )
+    sandbox_mode = pick("qemu_sandbox", "bootharness_qemu_sandbox") or "on"
+    if sandbox_mode not in SANDBOX_CHOICES:
+        raise pytest.UsageError(
+            f"bootharness_qemu_sandbox = {sandbox_mode!r}: use one of {', '.join(SANDBOX_CHOICES)}"
+        )
     return Settings(
         kernels_file=pick("kernels", "bootharness_kernels") or None,
         kernel_selectors=selectors,
@@ -113,6 +122,9 @@ def read_settings(config: pytest.Config) -> Settings:
         ),
         cache_dir=cache.cache_root(pick("bootharness_cache", "bootharness_cache") or None),
         snapshots=snapshots,
+        sandbox=sandbox_from_options(
+            sandbox_mode, pick("qemu_user", "bootharness_qemu_user") or None
+        ),
     )
 
 
