@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from harness import lifeline
+from harness import lifeline, upkeep
 from harness.bisect.oracles import BootOracle, PytestOracle
 from harness.bisect.search import Observation, Step
 from harness.bisect.search import bisect as run_bisect
@@ -140,6 +140,7 @@ def cmd_bisect(args: argparse.Namespace) -> int:
     print(f"bisecting {len(candidates)} kernels: {', '.join(candidates)}", flush=True)
     result = run_bisect(candidates, oracle, on_step=_print_step)
     print(result.render(), flush=True)
+    upkeep.prune_now(root)  # at most hourly
     return result.status.exit_code
 
 

@@ -16,7 +16,9 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from harness import upkeep
 from harness.cli import bisect as bisect_commands
+from harness.cli import cache as cache_commands
 from harness.cli import matrix as matrix_commands
 from harness.cli import report as report_commands
 from harness.cli import text as report
@@ -103,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=cmd_boot)
     # Command groups in modules of their own: each register() adds its subcommands.
-    for module in (bisect_commands, matrix_commands, report_commands):
+    for module in (bisect_commands, cache_commands, matrix_commands, report_commands):
         module.register(commands, common)
     return parser
 
@@ -200,6 +202,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
         return 0
     result = boot.run(vm, kernel=kernel, accel=choice.name)
     print(result.render())
+    upkeep.prune_now(root)  # at most hourly: every boot adds a folder under runs/
     return result.outcome.cli_exit
 
 

@@ -13,7 +13,7 @@ from collections.abc import Generator
 
 import pytest
 
-from harness import __version__, lifeline
+from harness import __version__, lifeline, upkeep
 from harness.kernel.catalogue import Catalogue, find_catalogue, load_catalogue
 from harness.outcome import ConfigError, HarnessError, InfraError
 from harness.plugin import collector as collector_module
@@ -95,6 +95,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     parser.addini("bootharness_qemu_sandbox", "QEMU's seccomp sandbox: on or off", default="")
     parser.addini("bootharness_qemu_user", "whom QEMU runs as once set up", default="")
+    group.addoption(
+        "--no-cache-prune",
+        action="store_true",
+        default=None,
+        help="do not prune the cache at the end of the run (default: at most hourly, by "
+        "the policy of `bootharness cache prune`)",
+    )
+    parser.addini(
+        "bootharness_cache_prune", "prune the cache at the end of a run", type="bool", default=True
+    )
     matrix.add_options(group, parser)  # controllers, templates, retries, reports
 
 
@@ -184,6 +194,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize(
         "kernel", entries, ids=[e.name for e in entries], indirect=True, scope="session"
     )
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Prune the cache once the run is over (in the controller, at most hourly)."""
+    config = session.config
+    settings = config.stash.get(settings_key, None)
+    if hasattr(config, "workerinput") or settings is None or not settings.cache_prune:
+        return
+    upkeep.prune_now(settings.cache_dir)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

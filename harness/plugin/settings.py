@@ -39,6 +39,7 @@ class Settings:
     cache_dir: Path
     snapshots: str = "off"  # off, auto, shared-ram or stream (harness.snapshot.restore)
     sandbox: Sandbox = DEFAULT_SANDBOX  # QEMU's seccomp filter and user (harness.vm.sandbox)
+    cache_prune: bool = True  # prune the cache at the end of the run (harness.upkeep)
 
 
 settings_key = pytest.StashKey[Settings]()
@@ -125,6 +126,8 @@ def read_settings(config: pytest.Config) -> Settings:
         sandbox=sandbox_from_options(
             sandbox_mode, pick("qemu_user", "bootharness_qemu_user") or None
         ),
+        cache_prune=not config.getoption("no_cache_prune")
+        and bool(config.getini("bootharness_cache_prune")),
     )
 
 
