@@ -161,6 +161,7 @@ def prune(root: Path, policy: Policy = Policy(), *, dry_run: bool = False) -> Re
     by_area: dict[str, list[Entry]] = {}
     for entry in entries(root):
         by_area.setdefault(entry.area, []).append(entry)
+    doomed: list[tuple[Entry, str]] = []
     for area, found in by_area.items():
         age, size = policy.limits(area)
         kept = 0
@@ -172,10 +173,17 @@ def prune(root: Path, policy: Policy = Policy(), *, dry_run: bool = False) -> Re
                     why = f"unused for {idle / DAY:.1f} days (policy: {age:g})"
                 elif size is not None and kept + entry.bytes > size:
                     why = f"over the {area} size cap of {size / GIB:g} GiB"
-            if not why:
+            if why:
+                doomed.append((entry, why))
+            else:
                 kept += entry.bytes
-                continue
-            _remove(entry, report, why, dry_run=dry_run)
+    # Outer entries first: what lives inside one (a package's vmlinux) goes with it.
+    gone: list[Path] = []
+    for entry, why in sorted(doomed, key=lambda item: len(item[0].path.parts)):
+        if any(entry.path.is_relative_to(outer) for outer in gone):
+            continue
+        if _remove(entry, report, why, dry_run=dry_run):
+            gone.append(entry.path)
     for path in _debris(root, older_than=RECENT):
         report.freed += _allocated(path)
         report.removed.append((path, "left over"))

@@ -265,7 +265,9 @@ def ensure(
     for candidate in order:
         entry = plan.entry(cache_root, candidate)
         if entry.exists():
-            return load(entry), False
+            snapshot = load(entry)
+            cache.touch(entry)  # pruning keeps the snapshots in use
+            return snapshot, False
     if plan.key in _FAILED:
         raise SnapshotError(_FAILED[plan.key])
     qemu = plan.key_parts["qemu"]
