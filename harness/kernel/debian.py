@@ -119,6 +119,7 @@ def unpack(deb: Path, package: str, partial: Path, *, progress: bool) -> None:
     """
     dpkg_deb = tools.require("dpkg-deb")
     depmod = tools.require("depmod")
+    partial.mkdir(parents=True, exist_ok=True)
     version = tools.run_tool(
         [dpkg_deb, "-f", str(deb), "Version"], what="read the package version", writes=partial
     ).strip()
