@@ -31,12 +31,13 @@ from harness.outcome import (
     TestFailure,
 )
 from harness.storage.attach import Storage
-from harness.vm import exitcode, power
+from harness.vm import clock, exitcode, power
 from harness.vm.console import Console, ConsoleClosed, Mark, marker_regex
 from harness.vm.deadlines import DEFAULT_DEADLINES, Deadlines
 from harness.vm.machine import Machine, MachineSpec
 from harness.vm.qmp import Qmp, QmpEvent
 from harness.vm.shell import GuestShell
+from harness.vm.stalls import StallLimits
 from harness.vm.state import VmState
 
 log = logging.getLogger(__name__)
@@ -175,10 +176,12 @@ def machine_spec(
     prefer_vmlinux: bool = True,
     **options: Any,
 ) -> MachineSpec:
-    """The fast-defaults machine for ``kernel``: vmlinux through PVH when it has the entry."""
+    """The fast-defaults machine for ``kernel``: vmlinux through PVH when it has the entry,
+    and under TCG a guest clock that the host's load cannot miscalibrate (:mod:`.clock`)."""
     image = (kernel.vmlinux() if prefer_vmlinux else None) or kernel.vmlinuz
     initrd = initramfs.path if isinstance(initramfs, Initramfs) else initramfs
-    words = [BASE_CMDLINE, f"{NONCE_PARAMETER}={nonce}", kernel.cmdline, cmdline]
+    timing = clock.parameters(accel, f"{kernel.cmdline} {cmdline}")
+    words = [BASE_CMDLINE, f"{NONCE_PARAMETER}={nonce}", timing, kernel.cmdline, cmdline]
     full_cmdline = " ".join(w for w in words if w)
     return MachineSpec(kernel=image, initrd=initrd, cmdline=full_cmdline, accel=accel, **options)
 
@@ -256,7 +259,9 @@ class Vm:
         self.boot_mechanism = "cold"  # or how a snapshot restored it (harness.snapshot.restore)
         self.nonce = nonce
         self.deadlines = deadlines
-        self.machine = Machine(spec, workdir, nonce=nonce, expected_boots=expected_boots)
+        self.machine = Machine(
+            spec, workdir, nonce=nonce, expected_boots=expected_boots, stalls=self.stalls(spec)
+        )
         self.start_plan = start_plan
         self._guest_shell: GuestShell | None = None
 
@@ -269,8 +274,16 @@ class Vm:
         if self.machine.launched and self.machine.poll() is None:
             raise RuntimeError("use_machine: the VM's QEMU is running")
         self.spec, self.nonce = spec, nonce
-        self.machine = Machine(spec, workdir, nonce=nonce, expected_boots=expected_boots)
+        self.machine = Machine(
+            spec, workdir, nonce=nonce, expected_boots=expected_boots, stalls=self.stalls(spec)
+        )
         return self.machine
+
+    def stalls(self, spec: MachineSpec) -> StallLimits:
+        """How stall reports of this guest are judged: its own thresholds, scaled by the
+        load factor its deadlines were scaled by (see :mod:`harness.vm.stalls`)."""
+        config = self.kernel.config if self.kernel is not None else {}
+        return StallLimits.for_boot(spec.cmdline, config, self.load_factor)
 
     @property
     def console(self) -> Console:

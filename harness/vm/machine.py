@@ -36,6 +36,7 @@ from harness.vm.console import Console, ConsoleRecorder
 from harness.vm.qmp import Qmp, QmpError
 from harness.vm.sandbox import DEFAULT as DEFAULT_SANDBOX
 from harness.vm.sandbox import Sandbox, describe_exit
+from harness.vm.stalls import StallLimits
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +130,20 @@ class Machine:
     A context manager: every exit path ends QEMU (QMP quit, then SIGTERM, then SIGKILL).
     """
 
-    def __init__(self, spec: MachineSpec, workdir: Path, *, nonce: str, expected_boots: int = 1):
+    def __init__(
+        self,
+        spec: MachineSpec,
+        workdir: Path,
+        *,
+        nonce: str,
+        expected_boots: int = 1,
+        stalls: StallLimits | None = None,
+    ):
         self.spec = spec
         self.workdir = workdir
         self.nonce = nonce
         self.expected_boots = expected_boots
+        self.stalls = stalls  # how the console judges stall reports (harness.vm.stalls)
         self.argv: list[str] = []
         self.started = 0.0
         self.process: subprocess.Popen[bytes] | None = None
@@ -215,7 +225,7 @@ class Machine:
         _LIVE.add(self)
         (self.workdir / "qemu.pid").write_text(f"{self.process.pid}\n")
         (self.workdir / "qemu.argv").write_text("\n".join(argv) + "\n")
-        recorder = ConsoleRecorder(self.started, self.nonce, self.expected_boots)
+        recorder = ConsoleRecorder(self.started, self.nonce, self.expected_boots, self.stalls)
         self._console = Console(
             console_ours,
             recorder,
