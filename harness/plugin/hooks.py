@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from collections.abc import Generator
 
 import pytest
@@ -17,7 +18,7 @@ from harness import __version__, lifeline, upkeep
 from harness.kernel.catalogue import Catalogue, find_catalogue, load_catalogue
 from harness.outcome import ConfigError, HarnessError, InfraError
 from harness.plugin import collector as collector_module
-from harness.plugin import fixtures, matrix, recorder
+from harness.plugin import fixtures, junitfile, matrix, recorder
 from harness.plugin.settings import (
     catalogue_key,
     matrix_key,
@@ -196,6 +197,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     )
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """After every plugin's configure: the junit file, if any, is written atomically."""
+    if not hasattr(session.config, "workerinput"):
+        junitfile.install(session.config)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Prune the cache once the run is over (in the controller, at most hourly)."""
@@ -270,7 +277,11 @@ def _register_matrix_parts(config: pytest.Config) -> None:
     if wants_files and not hasattr(config, "workerinput"):
         try:
             # Read now, not after the run: a bad path fails before any boot, not after.
-            runs = history.load_runs(settings.history)
+            with warnings.catch_warnings(record=True) as skipped:
+                warnings.simplefilter("always", history.HistorySkipped)
+                runs = history.load_runs(settings.history)
+            for warning in skipped:  # a damaged file: shown in the warnings summary
+                config.issue_config_time_warning(warning.message, stacklevel=2)  # type: ignore[arg-type]
         except ConfigError as error:
             raise pytest.UsageError(f"--bootharness-history: {error}") from error
         collector = collector_module.ResultsCollector(settings.json_path, settings.html_path, runs)

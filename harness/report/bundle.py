@@ -26,6 +26,7 @@ from typing import Any
 
 from harness import cache
 from harness.outcome import ConfigError
+from harness.report.model import write_atomic
 from harness.storage import disks
 from harness.vm.boot import qemu_version
 
@@ -153,7 +154,7 @@ def write(
         "qemu_argv": list(vm.machine.argv),
         "qemu_version": qemu_version(spec.qemu),
     }
-    (target / BUNDLE_JSON).write_text(json.dumps(data, indent=2) + "\n")
+    write_atomic(target / BUNDLE_JSON, json.dumps(data, indent=2) + "\n")
     log.info("reproduction bundle: %s", target)
     return target
 
