@@ -52,7 +52,7 @@ PRUNE_EVERY = 3600.0  # seconds between automatic prunes of one cache
 _STAMP = ".last-prune"
 SNAPSHOT_MANIFEST = "manifest.json"  # what harness.snapshot.store writes in a snapshot
 # build_once's scratch folder for an entry NAME: ".NAME." and tempfile's 8 characters.
-_SCRATCH = re.compile(r"^\..+\.[a-z0-9_]{8}$")
+_SCRATCH = re.compile(r"^\.(.+)\.[a-z0-9_]{8}$")
 
 
 @dataclass(frozen=True)
@@ -109,10 +109,7 @@ def entries(root: Path) -> Iterator[Entry]:
                 if run.is_dir() and not run.name.startswith("."):
                     yield _entry(run, "runs", managed=False)
         elif child.name == "snapshots" and child.is_dir():
-            for snap in sorted(child.iterdir()):
-                if snap.is_dir() and not snap.name.startswith("."):
-                    managed = (snap / SNAPSHOT_MANIFEST).exists()
-                    yield _entry(snap, "snapshots", managed=managed)
+            yield from (e for e in _built(child, "snapshots") if e.path.is_dir())
         elif child.is_dir():
             area = "kernels" if child.name == "kernels" else "images"
             if child.name in ("accel", "verdicts"):
@@ -231,9 +228,13 @@ def describe(report: Report) -> list[str]:
 
 
 def _built(folder: Path, area: str) -> Iterator[Entry]:
-    """Entries made by build_once below ``folder``: folders with their manifest inside,
-    files with one beside them, and (made by an older harness) anything else at the level
-    where such entries live."""
+    """Entries made by :func:`harness.cache.build_once` below ``folder``.
+
+    Every such entry, of this harness or an older one, has its lock file beside it
+    (``NAME.lock``): that is what makes a path an entry. A folder without one is a namespace
+    (``kernels/debian``), looked into; a file without one is someone else's and left alone,
+    so pruning never takes a file out of a structure it does not know.
+    """
     try:
         children = sorted(folder.iterdir())
     except OSError:
@@ -243,26 +244,30 @@ def _built(folder: Path, area: str) -> Iterator[Entry]:
         name = child.name
         if name.startswith(".") or name.endswith((cache.LOCK_SUFFIX, manifest.SIDECAR_SUFFIX)):
             continue
-        if name.endswith(".no-pvh"):
-            continue
-        if child.is_dir() and not child.is_symlink():
-            if (child / manifest.FOLDER_MANIFEST).exists() or (child / "kernel.json").exists():
-                yield _entry(child, area, managed=(child / manifest.FOLDER_MANIFEST).exists())
+        if name + cache.LOCK_SUFFIX in names:
+            yield _entry(child, area, managed=_has_manifest(child))
+            if child.is_dir() and not child.is_symlink():
                 yield from _nested(child, area)
-            elif (child / SNAPSHOT_MANIFEST).exists():
-                yield _entry(child, area, managed=True)
-            else:
-                yield from _built(child, area)
-        else:
-            yield _entry(child, area, managed=name + manifest.SIDECAR_SUFFIX in names)
+        elif child.is_dir() and not child.is_symlink():
+            yield from _built(child, area)
+
+
+def _has_manifest(path: Path) -> bool:
+    if path.is_dir() and not path.is_symlink():
+        return (path / manifest.FOLDER_MANIFEST).exists() or (path / SNAPSHOT_MANIFEST).exists()
+    return path.with_name(path.name + manifest.SIDECAR_SUFFIX).exists()
 
 
 def _nested(folder: Path, area: str) -> Iterator[Entry]:
     """File entries kept inside a folder entry (a package's extracted vmlinux)."""
-    for child in sorted(folder.iterdir()):
-        sidecar = child.with_name(child.name + manifest.SIDECAR_SUFFIX)
-        if child.is_file() and sidecar.exists():
-            yield _entry(child, area, managed=True)
+    try:
+        children = sorted(folder.iterdir())
+    except OSError:
+        return
+    names = {child.name for child in children}
+    for child in children:
+        if child.is_file() and child.name + cache.LOCK_SUFFIX in names:
+            yield _entry(child, area, managed=_has_manifest(child))
 
 
 def _entry(path: Path, area: str, *, managed: bool) -> Entry:
@@ -294,13 +299,15 @@ def _remove(entry: Entry, report: Report, why: str, *, dry_run: bool = False) ->
         report.removed.append((entry.path, why))
         report.freed += entry.bytes
         return True
+    size = entry.bytes
+    if entry.area == "runs":  # a run's folder has no lock: its age keeps a live one
+        _delete(entry.path)
+        report.removed.append((entry.path, why))
+        report.freed += size
+        return True
     try:
         with FileLock(str(lock_path), timeout=0):
-            size = entry.bytes
-            if entry.area == "runs":
-                _delete(entry.path)
-            else:
-                cache.discard(entry.path)
+            cache.discard(entry.path)
     except Timeout:
         log.info("cache entry %s is in use; kept", entry.path)
         return False
@@ -308,8 +315,7 @@ def _remove(entry: Entry, report: Report, why: str, *, dry_run: bool = False) ->
         log.warning("could not remove %s: %s", entry.path, error)
         return False
     with contextlib.suppress(OSError):
-        if entry.area != "runs":
-            lock_path.unlink()
+        lock_path.unlink()
     report.removed.append((entry.path, why))
     report.freed += size
     return True
@@ -332,9 +338,12 @@ def _debris(root: Path, *, older_than: float) -> Iterator[Path]:
             path = here / name
             if not _old(path, now, older_than):
                 continue
-            scratch = name.startswith(".discarded-") or name.endswith(".partial")
-            if scratch or (name not in files and _SCRATCH.match(name)):
+            if name.startswith(".discarded-") or name.endswith(".partial"):
                 yield path
+            elif name not in files and (match := _SCRATCH.match(name)):
+                # An interrupted build's folder, unless that build is still going on.
+                if _lock_is_free(here / (match.group(1) + cache.LOCK_SUFFIX)):
+                    yield path
             elif name.endswith(cache.LOCK_SUFFIX):
                 owner = name.removesuffix(cache.LOCK_SUFFIX)
                 if owner not in names and _lock_is_free(path):

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 import pexpect
 
-from harness import compression
+from harness import cachefs, compression
 from harness.cache import cache_root
 from harness.image import initramfs, templates
 from harness.kernel.catalogue import (
@@ -160,17 +160,22 @@ def pairs(values: Sequence[str], option: str, form: str) -> list[tuple[str, str]
 
 
 def new_run_dir(root: Path, label: str) -> Path:
-    """A new folder ``<root>/runs/<timestamp>-<label>`` for one run's files (never reused)."""
+    """A new folder ``<root>/runs/<timestamp>-<label>`` for one run's files (never reused).
+
+    Raises:
+        CacheFull, CacheReadOnly, CacheDenied: the cache's file system refused the folder.
+    """
     base = root / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{label}"
-    base.parent.mkdir(parents=True, exist_ok=True)
-    candidate, n = base, 1
-    while True:
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:  # two runs in the same second
-            n += 1
-            candidate = base.with_name(f"{base.name}.{n}")
+    with cachefs.writing(base, "making a folder for the run's files"):
+        base.parent.mkdir(parents=True, exist_ok=True)
+        candidate, n = base, 1
+        while True:
+            try:
+                candidate.mkdir()
+                return candidate
+            except FileExistsError:  # two runs in the same second
+                n += 1
+                candidate = base.with_name(f"{base.name}.{n}")
 
 
 def attach(child: Any) -> None:

@@ -259,7 +259,14 @@ class Plan:
             raise ValueError("one overlay per attached disk")
         args: list[str] = []
         for attachment, overlay in zip(self.attachments, overlays, strict=True):
-            args += ["-drive", f"if=none,id={attachment.drive_id},file={overlay},format={fmt}"]
+            # auto-read-only=off: the overlay is opened read-write at QEMU's start, before a
+            # sandboxed QEMU drops privileges; otherwise a VM restored from a snapshot
+            # reopens it by name when it resumes, and may not (harness.vm.sandbox).
+            args += [
+                "-drive",
+                f"if=none,id={attachment.drive_id},file={overlay},format={fmt},"
+                "file.auto-read-only=off",
+            ]
         return args
 
 

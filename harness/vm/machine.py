@@ -87,6 +87,7 @@ class MachineSpec:
         ]
         if self.nodefaults:
             argv.append("-nodefaults")
+        argv += self.sandbox.args(self.qemu)
         argv += [
             "-chardev",
             f"socket,id=qmp0,fd={qmp_fd}",
@@ -111,7 +112,6 @@ class MachineSpec:
         for device in self.devices:
             argv += ["-device", device]
         argv += list(self.extra_args)
-        argv += self.sandbox.args(self.qemu)
         return argv
 
 

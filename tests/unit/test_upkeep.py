@@ -173,7 +173,8 @@ def test_verify_finds_and_discards_damaged_entries(tmp_path: Path) -> None:
     good = image(root, "good", 5000, 0)
     bad = image(root, "bad", 5000, 0)
     snap = snapshot(root, "snap", 0)
-    (root / "initramfs" / "legacy").write_bytes(b"no manifest")
+    (root / "initramfs" / "legacy").write_bytes(b"no manifest")  # an older harness's entry
+    (root / "initramfs" / "legacy.lock").touch()
     with bad.open("r+b") as handle:
         handle.seek(4000)
         handle.write(b"rot")
@@ -210,3 +211,19 @@ def test_prune_now_runs_at_most_hourly(tmp_path: Path) -> None:
     run(root, "older-run", 40)
     assert upkeep.prune_now(root) is None
     assert (root / "runs" / "older-run").exists()
+
+
+def test_what_the_harness_did_not_build_is_never_pruned(tmp_path: Path) -> None:
+    """Only build_once's entries (a lock file beside them) are pruned: a folder of another
+    tool's files, old as they may be, stays whole."""
+    root = tmp_path / "cache"
+    foreign = root / "kernels" / "source" / "tree"
+    (foreign / "arch").mkdir(parents=True)
+    for path in (foreign / "Makefile", foreign / "arch" / "Kconfig"):
+        path.write_text("old\n")
+        aged(path, 400)
+    aged(foreign, 400)
+    package(root, "linux-image-old", 90)
+    removed = {path.name for path, _ in upkeep.prune(root).removed}
+    assert removed == {"linux-image-old", "linux-image-old.deb"}
+    assert (foreign / "arch" / "Kconfig").exists() and (foreign / "Makefile").exists()
