@@ -8,7 +8,9 @@ Measures, in one run, interleaved so machine load affects all alike (median of N
             the serial console on stdout, read until the same marker
   plain     QEMU's plain defaults: the bzImage, default machine devices (no -nodefaults),
             same initramfs and command line
-Prints `ratio:` (harness / by hand; goal at most 1.10) and `speed-up:` (plain / harness).
+  unconfined  the harness with QEMU's sandbox off (no seccomp filter, no change of user)
+Prints `ratio:` (harness / by hand; goal at most 1.10), `speed-up:` (plain / harness) and
+`sandbox cost:` (harness - unconfined, in seconds and percent).
 Run: .venv/bin/python bench/boot.py [--rounds N]
 """
 
@@ -26,13 +28,17 @@ from harness import cache
 from harness.image.initramfs import InitramfsSpec
 from harness.kernel import catalogue as config
 from harness.kernel import provision as kernels
-from harness.vm import boot
+from harness.vm import boot, sandbox
+from harness.vm.sandbox import Sandbox
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def time_harness(kernel: kernels.Kernel, workdir: Path) -> tuple[float, Path, str]:
-    request = boot.BootRequest(kernel, InitramfsSpec(), accel="tcg")
+def time_harness(
+    kernel: kernels.Kernel, workdir: Path, confined: Sandbox = sandbox.DEFAULT
+) -> tuple[float, Path, str]:
+    options = {"sandbox": confined}
+    request = boot.BootRequest(kernel, InitramfsSpec(), accel="tcg", machine_options=options)
     vm = boot.prepare_vm(request, cache_root=cache.cache_root(), workdir=workdir)
     with vm:
         started = time.monotonic()
@@ -80,7 +86,8 @@ def main() -> None:
     assert vmlinux is not None, "the default kernel has a PVH entry"
     print(__doc__)
     print(f"kernel {kernel.name} ({kernel.release}), QEMU {boot.qemu_version()}, TCG")
-    results: dict[str, list[float]] = {"harness": [], "by hand": [], "plain": []}
+    names = ("harness", "by hand", "plain", "unconfined")
+    results: dict[str, list[float]] = {name: [] for name in names}
     scratch = Path(tempfile.mkdtemp(prefix="bench-boot-"))
     try:
         time_harness(kernel, scratch / "warmup")  # builds and caches the initramfs
@@ -95,6 +102,8 @@ def main() -> None:
             results["plain"].append(
                 time_by_hand(hand_argv(kernel.vmlinuz, initrd, cmdline, fast=False), marker)
             )
+            unconfined = scratch / f"u{round_number}"
+            results["unconfined"].append(time_harness(kernel, unconfined, sandbox.OFF)[0])
             print(
                 f"round {round_number + 1}: "
                 + ", ".join(f"{name} {times[-1]:.2f} s" for name, times in results.items())
@@ -105,6 +114,8 @@ def main() -> None:
     print("medians: " + ", ".join(f"{name} {value:.2f} s" for name, value in median.items()))
     print(f"ratio: {median['harness'] / median['by hand']:.2f}")
     print(f"speed-up: {median['plain'] / median['harness']:.2f}")
+    cost = median["harness"] - median["unconfined"]
+    print(f"sandbox cost: {cost:+.2f} s ({100 * cost / median['unconfined']:+.1f}%)")
 
 
 if __name__ == "__main__":

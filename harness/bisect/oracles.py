@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from harness import cache
+from harness import cache, lifeline
 from harness.bisect.search import Observation
 from harness.bisect.verdicts import VerdictCache, verdict_key
 from harness.image import foreign
@@ -38,6 +38,8 @@ from harness.storage.bootpaths import BootSpec
 from harness.vm import boot
 from harness.vm.deadlines import Deadlines
 from harness.vm.kernel_warnings import WarningPolicy
+from harness.vm.sandbox import DEFAULT as DEFAULT_SANDBOX
+from harness.vm.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,7 @@ class BootOracle:
     verdicts: VerdictCache | None = None
     boot: BootSpec = field(default_factory=BootSpec)  # the boot path (default: pvh)
     kernel_warnings: WarningPolicy = field(default_factory=WarningPolicy)
+    sandbox: Sandbox = DEFAULT_SANDBOX
 
     @property
     def identity(self) -> str:
@@ -118,6 +121,7 @@ class BootOracle:
             cmdline=self.cmdline,
             boot=self.boot,
             kernel_warnings=self.kernel_warnings,
+            machine_options={"sandbox": self.sandbox},
         )
         vm = boot.prepare_vm(
             request, cache_root=self.cache_root, workdir=_Workdirs(self.workdir).new(name)
@@ -278,7 +282,8 @@ class PytestOracle:
         started = time.monotonic()
         with output.open("w") as out:
             try:
-                code = subprocess.run(
+                # Guarded: a killed bisect takes the pytest run (and through it its VMs) along.
+                code = lifeline.run_guarded(
                     argv, cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT, timeout=self.timeout
                 ).returncode
             except subprocess.TimeoutExpired:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import subprocess
 import sys
 import time
 import traceback
@@ -26,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from harness import lifeline, upkeep
 from harness.bisect.oracles import BootOracle, InitrdOracle, PytestOracle
 from harness.bisect.search import Observation, Step
 from harness.bisect.search import bisect as run_bisect
@@ -216,6 +216,7 @@ def _bisect_initrds(args: argparse.Namespace) -> int:
     print(f"bisecting {len(candidates)} initrds with {kernel.name}: {', '.join(candidates)}")
     result = run_bisect(candidates, oracle, on_step=_print_step)
     print(result.render(), flush=True)
+    upkeep.prune_now(root)  # at most hourly
     return result.status.exit_code
 
 
@@ -371,7 +372,8 @@ def _bisect_step(args: argparse.Namespace) -> int:
     args.cache = options.cache or args.cache
     if options.build:
         print(f"bisect-step: building: {options.build}", flush=True)
-        built = subprocess.run(["sh", "-c", options.build], check=False).returncode
+        # Guarded: a killed bisect-step takes its build (make and the compilers) along.
+        built = lifeline.run_guarded(["sh", "-c", options.build]).returncode
         if built != 0:
             print(f"bisect-step: the build exited {built} -> skip (exit {STEP_SKIP})", flush=True)
             return STEP_SKIP
@@ -451,6 +453,7 @@ def _step_boot_oracle(
         verdicts=verdicts,
         boot=common.boot_spec(boot_args),
         kernel_warnings=common.warnings_policy(boot_args),
+        sandbox=common.sandbox_of(boot_args),
     )
     return entry.name, oracle
 

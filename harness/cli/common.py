@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 import pexpect
 
-from harness import compression
+from harness import cachefs, compression
 from harness.cache import cache_root
 from harness.image import initramfs, templates
 from harness.kernel.catalogue import (
@@ -46,6 +46,8 @@ from harness.vm.kernel_warnings import DEFAULT_MODE as DEFAULT_WARNING_MODE
 from harness.vm.kernel_warnings import MODES as WARNING_MODES
 from harness.vm.kernel_warnings import WarningPolicy, policy
 from harness.vm.patterns import ConsoleVerdict
+from harness.vm.sandbox import DEDICATED_USER, FALLBACK_USER, SANDBOX_CHOICES, Sandbox
+from harness.vm.sandbox import from_options as sandbox_from_options
 
 USAGE_EXIT = Outcome.CONFIG_ERROR.cli_exit
 ESCAPE = b"\x1d"  # Ctrl-], as telnet and virsh console use
@@ -180,17 +182,22 @@ def pairs(values: Sequence[str], option: str, form: str) -> list[tuple[str, str]
 
 
 def new_run_dir(root: Path, label: str) -> Path:
-    """A new folder ``<root>/runs/<timestamp>-<label>`` for one run's files (never reused)."""
+    """A new folder ``<root>/runs/<timestamp>-<label>`` for one run's files (never reused).
+
+    Raises:
+        CacheFull, CacheReadOnly, CacheDenied: the cache's file system refused the folder.
+    """
     base = root / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{label}"
-    base.parent.mkdir(parents=True, exist_ok=True)
-    candidate, n = base, 1
-    while True:
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:  # two runs in the same second
-            n += 1
-            candidate = base.with_name(f"{base.name}.{n}")
+    with cachefs.writing(base, "making a folder for the run's files"):
+        base.parent.mkdir(parents=True, exist_ok=True)
+        candidate, n = base, 1
+        while True:
+            try:
+                candidate.mkdir()
+                return candidate
+            except FileExistsError:  # two runs in the same second
+                n += 1
+                candidate = base.with_name(f"{base.name}.{n}")
 
 
 def attach(child: Any) -> None:
@@ -267,6 +274,18 @@ def add_boot_options(parser: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="FILE",
         help="known warnings ([[warning]] tables with regex and reason): never fail a boot",
+    )
+    parser.add_argument(
+        "--qemu-sandbox",
+        choices=SANDBOX_CHOICES,
+        default="on",
+        help="QEMU's seccomp sandbox (default on; off: QEMU also keeps our user)",
+    )
+    parser.add_argument(
+        "--qemu-user",
+        metavar="USER",
+        help="whom QEMU runs as once set up (name or UID:GID; none: stay); default, as root: "
+        f"{DEDICATED_USER} if that user exists, else {FALLBACK_USER}",
     )
     parser.add_argument(
         "--workdir",
@@ -438,6 +457,7 @@ def boot_request(
         kernel_warnings=(
             warnings_policy(args) if hasattr(args, "kernel_warnings") else WarningPolicy()
         ),
+        machine_options={"sandbox": sandbox_of(args)} if hasattr(args, "qemu_sandbox") else {},
     )
     if not request.prints_markers and not args.expect:
         raise ConfigError(
@@ -445,3 +465,8 @@ def boot_request(
             "template declaring markers=off): say what success looks like with --expect REGEX"
         )
     return request
+
+
+def sandbox_of(args: argparse.Namespace) -> Sandbox:
+    """The QEMU sandbox ``--qemu-sandbox`` and ``--qemu-user`` ask for."""
+    return sandbox_from_options(args.qemu_sandbox, args.qemu_user)

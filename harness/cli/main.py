@@ -15,8 +15,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from harness import upkeep
 from harness.cli import bisect as bisect_commands
 from harness.cli import build as build_commands
+from harness.cli import cache as cache_commands
 from harness.cli import foreign as foreign_commands
 from harness.cli import matrix as matrix_commands
 from harness.cli import report as report_commands
@@ -108,7 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=cmd_boot)
     # Command groups in modules of their own: each register() adds its subcommands.
-    for module in (build_commands, bisect_commands, matrix_commands, report_commands):
+    for module in (
+        build_commands,
+        bisect_commands,
+        cache_commands,
+        matrix_commands,
+        report_commands,
+    ):
         module.register(commands, common)
     return parser
 
@@ -200,6 +208,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
         result = boot.run(vm, kernel=kernel, accel=accel)
         progress.finish(result.marks)
     print("\n".join(result.end_lines()))
+    upkeep.prune_now(root)  # at most hourly: every boot adds a folder under runs/
     return result.outcome.cli_exit
 
 

@@ -330,7 +330,7 @@ def boot(
             expected_boots=expected_boots,
             storage=disk_setup,
             load_factor=load,
-            machine_options=machine_options,
+            machine_options={"sandbox": settings.sandbox, **machine_options},
             initrd=Path(initrd) if initrd is not None else None,
             overlay=dict(overlay or {}),
             verdict=ConsoleVerdict(tuple(expect), tuple(fail), root_failures),

@@ -26,6 +26,9 @@ from harness.vm.deadlines import Deadlines
 from harness.vm.kernel_warnings import MODES as WARNING_MODES
 from harness.vm.kernel_warnings import WarningPolicy
 from harness.vm.kernel_warnings import policy as warning_policy
+from harness.vm.sandbox import DEFAULT as DEFAULT_SANDBOX
+from harness.vm.sandbox import SANDBOX_CHOICES, Sandbox
+from harness.vm.sandbox import from_options as sandbox_from_options
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ class Settings:
     snapshots: str = "off"  # off, auto, shared-ram or stream (harness.snapshot.restore)
     initrd: Path | None = None  # --initrd FILE: the prebuilt image the `initrd` fixture gives
     kernel_warnings: WarningPolicy = field(default_factory=WarningPolicy)  # and allowlists
+    sandbox: Sandbox = DEFAULT_SANDBOX  # QEMU's seccomp filter and user (harness.vm.sandbox)
+    cache_prune: bool = True  # prune the cache at the end of the run (harness.upkeep)
 
 
 settings_key = pytest.StashKey[Settings]()
@@ -126,6 +131,11 @@ def read_settings(config: pytest.Config) -> Settings:
         )
     except ConfigError as error:
         raise pytest.UsageError(str(error)) from error
+    sandbox_mode = pick("qemu_sandbox", "bootharness_qemu_sandbox") or "on"
+    if sandbox_mode not in SANDBOX_CHOICES:
+        raise pytest.UsageError(
+            f"bootharness_qemu_sandbox = {sandbox_mode!r}: use one of {', '.join(SANDBOX_CHOICES)}"
+        )
     return Settings(
         kernels_file=pick("kernels", "bootharness_kernels") or None,
         kernel_selectors=selectors,
@@ -138,6 +148,11 @@ def read_settings(config: pytest.Config) -> Settings:
         snapshots=snapshots,
         initrd=_initrd(pick("initrd", "bootharness_initrd")),
         kernel_warnings=policy,
+        sandbox=sandbox_from_options(
+            sandbox_mode, pick("qemu_user", "bootharness_qemu_user") or None
+        ),
+        cache_prune=not config.getoption("no_cache_prune")
+        and bool(config.getini("bootharness_cache_prune")),
     )
 
 

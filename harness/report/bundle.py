@@ -27,6 +27,7 @@ from typing import Any
 
 from harness import cache
 from harness.outcome import ConfigError
+from harness.report.model import write_atomic
 from harness.storage import disks
 from harness.vm.boot import qemu_version
 
@@ -177,7 +178,7 @@ def write(
     if traces:  # where it crashed, symbolised against the kernel's own files
         (target / TRACE).write_text(traces + "\n")
         data["trace"] = TRACE
-    (target / BUNDLE_JSON).write_text(json.dumps(data, indent=2) + "\n")
+    write_atomic(target / BUNDLE_JSON, json.dumps(data, indent=2) + "\n")
     log.info("reproduction bundle: %s", target)
     return target
 

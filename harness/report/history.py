@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,29 +184,34 @@ def counts(streaks: Mapping[str, Streak]) -> dict[str, int]:
 def load_runs(paths: Sequence[Path]) -> list[Run]:
     """Read earlier results: files, or folders whose ``*.json`` files are read.
 
-    In a folder, files that are not bootharness results (or cannot be read) are skipped with
-    a warning, so one stray or truncated file does not lose the morning's report.
+    Files that are not bootharness results, or cannot be read (truncated by a full disk, cut
+    short by a killed copy), are skipped with a :class:`HistorySkipped` warning naming them,
+    named on their own or found in a folder: one bad file never loses the morning's report.
 
     Raises:
-        ConfigError: a path does not exist, or a file named on its own is not a readable
-            bootharness results file (the message names it).
+        ConfigError: a path does not exist (a typo, not a damaged file).
     """
     runs: list[Run] = []
     for path in paths:
-        if path.is_dir():
-            for file in sorted(path.glob("*.json")):
+        if path.is_dir() or path.is_file():
+            for file in sorted(path.glob("*.json")) if path.is_dir() else [path]:
                 try:
                     runs.append(_load(file))
                 except ConfigError as error:
-                    log.warning("history: skipping %s", error)
-        elif path.is_file():
-            runs.append(_load(path))
+                    log.warning("history: skipping %s", error.message)
+                    warnings.warn(
+                        HistorySkipped(f"history: skipping {error.message}"), stacklevel=2
+                    )
         else:
             raise ConfigError(
                 f"history {path}: no such file or folder; give earlier runs' results JSON "
                 "files (--bootharness-json) or folders holding them"
             )
     return order(runs)
+
+
+class HistorySkipped(UserWarning):
+    """An earlier run's results file could not be read and was left out of the history."""
 
 
 def _load(path: Path) -> Run:

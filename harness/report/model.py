@@ -292,11 +292,20 @@ def safe_name(nodeid: str) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` whole or not at all (a reader never sees half a page)."""
+    """Write ``text`` to ``path`` whole or not at all: a reader, or the next night's report
+    after a crash or a full disk, never sees half a page. A temporary sibling (unique to this
+    process) is written, flushed to disk, then renamed over ``path``; on failure it goes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with partial.open("w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def relative_paths(paths: Mapping[str, Path], base: Path) -> dict[str, str]:

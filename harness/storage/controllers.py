@@ -314,9 +314,14 @@ class Plan:
         chosen = list(formats) or [fmt] * len(overlays)
         args: list[str] = []
         for attachment, overlay, form in zip(self.attachments, overlays, chosen, strict=True):
+            # file.auto-read-only=off: the overlay is opened read-write at QEMU's start, before
+            # a sandboxed QEMU drops privileges; otherwise a VM restored from a snapshot
+            # reopens it by name when it resumes, and may not (harness.vm.sandbox).
             value = f"if=none,id={attachment.drive_id},file={overlay},format={form}"
             if attachment.disk.media == "cdrom":
                 value += ",media=cdrom,readonly=on"
+            else:
+                value += ",file.auto-read-only=off"
             args += ["-drive", value]
         return args
 

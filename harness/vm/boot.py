@@ -40,7 +40,7 @@ from harness.storage import bootpaths, firmware
 from harness.storage.attach import Storage, with_boot_disk
 from harness.storage.bootpaths import BootSpec
 from harness.storage.controllers import Disk
-from harness.vm import exitcode, loader, power
+from harness.vm import clock, exitcode, loader, power
 from harness.vm.console import Console, ConsoleClosed, Mark, marker_regex
 from harness.vm.deadlines import DEFAULT_DEADLINES, Deadlines
 from harness.vm.dimensions import FOREIGN, UNKNOWN, Dimensions, joined
@@ -51,6 +51,7 @@ from harness.vm.machine import Machine, MachineSpec
 from harness.vm.patterns import INIT_START_REGEX, ConsoleVerdict
 from harness.vm.qmp import Qmp, QmpEvent
 from harness.vm.shell import GuestShell
+from harness.vm.stalls import StallLimits
 from harness.vm.state import VmState
 
 log = logging.getLogger(__name__)
@@ -198,7 +199,7 @@ def cold_machine(
         workdir,
         kernel=kernel,
         initrd=image_path,
-        cmdline=full_cmdline(kernel, nonce, request.cmdline),
+        cmdline=full_cmdline(kernel, nonce, request.cmdline, request.accel),
         cache_root=cache_root,
     )
     machine_type = str(request.machine_options.get("machine", "pc"))
@@ -264,10 +265,11 @@ def vm_for(
     )
 
 
-def full_cmdline(kernel: Kernel, nonce: str, cmdline: str = "") -> str:
-    """The kernel command line of one boot: the harness's base, the nonce, the kernel's own
-    and the test's extra words."""
-    words = [BASE_CMDLINE, f"{NONCE_PARAMETER}={nonce}", kernel.cmdline, cmdline]
+def full_cmdline(kernel: Kernel, nonce: str, cmdline: str = "", accel: str = "tcg") -> str:
+    """The kernel command line of one boot: the harness's base, the nonce, the guest's time
+    keeping for ``accel`` (:mod:`harness.vm.clock`), the kernel's own and the test's words."""
+    timing = clock.parameters(accel, f"{kernel.cmdline} {cmdline}")
+    words = [BASE_CMDLINE, f"{NONCE_PARAMETER}={nonce}", timing, kernel.cmdline, cmdline]
     return " ".join(w for w in words if w)
 
 
@@ -301,10 +303,11 @@ def machine_spec(
     prefer_vmlinux: bool = True,
     **options: Any,
 ) -> MachineSpec:
-    """The fast-defaults machine for ``kernel``: vmlinux through PVH when it has the entry."""
+    """The fast-defaults machine for ``kernel``: vmlinux through PVH when it has the entry,
+    and under TCG a guest clock that the host's load cannot miscalibrate (:mod:`.clock`)."""
     image = (kernel.vmlinux() if prefer_vmlinux else None) or kernel.vmlinuz
     initrd = initramfs.path if isinstance(initramfs, Initramfs) else initramfs
-    line = full_cmdline(kernel, nonce, cmdline)
+    line = full_cmdline(kernel, nonce, cmdline, accel)
     return MachineSpec(kernel=image, initrd=initrd, cmdline=line, accel=accel, **options)
 
 
@@ -461,7 +464,14 @@ class Vm:
             watches=watches,
             warnings=self.kernel_warnings,
             symbolise=self.symbolise,
+            stalls=self.stalls(spec),
         )
+
+    def stalls(self, spec: MachineSpec) -> StallLimits:
+        """How stall reports of this guest are judged: its own thresholds, scaled by the
+        load factor its deadlines were scaled by (see :mod:`harness.vm.stalls`)."""
+        config = self.kernel.config if self.kernel is not None else {}
+        return StallLimits.for_boot(spec.cmdline, config, self.load_factor)
 
     @property
     def boot_entry(self) -> str:
