@@ -28,6 +28,9 @@ DEBIAN_PACKAGE: dict[str, str] = {
     "sh": "dash",
     "sfdisk": "fdisk",
     "git": "git",
+    "mmdebstrap": "mmdebstrap",
+    "unshare": "util-linux",
+    "chroot": "coreutils",
 }
 
 
