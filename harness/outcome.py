@@ -1,7 +1,7 @@
 """The outcome taxonomy and the typed errors that carry a boot's evidence.
 
 Every boot ends in exactly one :class:`Outcome`. pytest, the CLI's exit code, junit and
-bisect all map from it, so the mapping lives here and nowhere else (see DESIGN.md).
+bisect all map from it, so the mapping lives here and nowhere else (see docs/architecture.md).
 """
 
 from __future__ import annotations

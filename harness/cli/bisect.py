@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 import traceback
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -36,7 +35,7 @@ from harness.image import templates
 from harness.kernel.catalogue import Catalogue
 from harness.kernel.provision import Kernel, provision
 from harness.outcome import ConfigError, HarnessError
-from harness.vm.accel import VALID_REQUESTS, KvmFallbackWarning, choose_accelerator
+from harness.vm.accel import VALID_REQUESTS
 from harness.vm.deadlines import Deadlines
 
 log = logging.getLogger(__name__)
@@ -221,20 +220,11 @@ def _kernel_oracle(
         spec=common.initramfs_spec(args),
         cache_root=root,
         workdir=workdir,
-        accel=_accelerator(args.accel, root),
+        accel=common.accelerator(args.accel, root),
         deadlines=Deadlines.from_options(args.boot_timeout, args.timeout_multiplier),
         cmdline=args.cmdline,
         verdicts=verdicts,
     )
-
-
-def _accelerator(requested: str, root: Path) -> str:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", KvmFallbackWarning)
-        choice = choose_accelerator(requested, cache_dir=root / "accel")
-    if choice.requested == "auto" and choice.name == "tcg":
-        print(f"bootharness: using tcg: {choice.reason}", file=sys.stderr)
-    return choice.name
 
 
 class _StepUsageError(Exception):
@@ -347,7 +337,7 @@ def _step_boot_oracle(
         spec=common.initramfs_spec(boot_args),
         cache_root=root,
         workdir=boot_args.workdir or common.new_run_dir(root, "bisect"),
-        accel=_accelerator(boot_args.accel, root),
+        accel=common.accelerator(boot_args.accel, root),
         deadlines=Deadlines.from_options(boot_args.boot_timeout, boot_args.timeout_multiplier),
         cmdline=boot_args.cmdline,
         verdicts=verdicts,

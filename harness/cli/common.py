@@ -15,6 +15,7 @@ import sys
 import termios
 import time
 import tty
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -32,7 +33,7 @@ from harness.kernel.catalogue import (
     load_catalogue,
 )
 from harness.outcome import ConfigError, Outcome
-from harness.vm.accel import VALID_REQUESTS
+from harness.vm.accel import VALID_REQUESTS, KvmFallbackWarning, choose_accelerator
 
 USAGE_EXIT = Outcome.CONFIG_ERROR.cli_exit
 ESCAPE = b"\x1d"  # Ctrl-], as telnet and virsh console use
@@ -225,3 +226,14 @@ def add_boot_options(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="folder for the run's files (default: under <cache>/runs)",
     )
+
+
+def accelerator(requested: str, root: Path) -> str:
+    """The accelerator for a boot from the command line (probed once, cached); a fallback
+    from KVM to TCG is said on one line of its own."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", KvmFallbackWarning)  # said below, once
+        choice = choose_accelerator(requested, cache_dir=root / "accel")
+    if choice.requested == "auto" and choice.name == "tcg":
+        print(f"bootharness: using tcg: {choice.reason}", file=sys.stderr)
+    return choice.name

@@ -1,7 +1,7 @@
 """The ``bootharness`` command: list and fetch kernels, build and inspect initramfs images, boot.
 
 Parsing, calls into the library, printing; nothing else lives here. The exit code is the
-outcome's (DESIGN.md): a usage error, like a bad ``kernels.toml``, exits 5; a
+outcome's (docs/architecture.md): a usage error, like a bad ``kernels.toml``, exits 5; a
 :class:`~harness.outcome.HarnessError` exits with its outcome's code; any other exception is
 a harness bug and propagates with its traceback.
 """
@@ -12,7 +12,6 @@ import argparse
 import logging
 import shutil
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from harness.cli import text as report
 from harness.cli.common import (
     USAGE_EXIT,
     Parser,
+    accelerator,
     add_boot_options,
     add_global_options,
     attach,
@@ -38,7 +38,6 @@ from harness.image import cpio, initramfs
 from harness.kernel.provision import is_provisioned, provision
 from harness.outcome import ConfigError, HarnessError
 from harness.vm import boot
-from harness.vm.accel import KvmFallbackWarning, choose_accelerator
 from harness.vm.deadlines import Deadlines
 
 log = logging.getLogger(__name__)
@@ -172,16 +171,10 @@ def cmd_boot(args: argparse.Namespace) -> int:
         raise ConfigError("--shell needs a terminal on stdin; run it from an interactive shell")
     root = cache_of(args)
     kernel = provision(one_kernel(catalogue_of(args), args.kernel), root)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", KvmFallbackWarning)  # reported below, once
-        choice = choose_accelerator(args.accel, cache_dir=root / "accel")
-    if choice.requested == "auto" and choice.name == "tcg":
-        print(f"bootharness: using {choice.name}: {choice.reason}", file=sys.stderr)
+    accel = accelerator(args.accel, root)
     deadlines = Deadlines.from_options(args.boot_timeout, args.timeout_multiplier)
     spec = initramfs_spec(args, after="shell" if args.shell else None)
-    request = boot.BootRequest(
-        kernel, spec, accel=choice.name, deadlines=deadlines, cmdline=args.cmdline
-    )
+    request = boot.BootRequest(kernel, spec, accel=accel, deadlines=deadlines, cmdline=args.cmdline)
     vm = boot.prepare_vm(
         request, cache_root=root, workdir=args.workdir or new_run_dir(root, kernel.name)
     )
@@ -192,7 +185,7 @@ def cmd_boot(args: argparse.Namespace) -> int:
             print("console attached; Ctrl-] to leave", file=sys.stderr, flush=True)
             attach(vm.console.child)
         return 0
-    result = boot.run(vm, kernel=kernel, accel=choice.name)
+    result = boot.run(vm, kernel=kernel, accel=accel)
     print(result.render())
     return result.outcome.cli_exit
 

@@ -9,18 +9,20 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
 
 from harness.image import initramfs
+from harness.image.foreign import OverlayFiles
 from harness.image.initramfs import Initramfs, InitramfsSpec
 from harness.image.templates import DEFAULT_TEMPLATE
 from harness.kernel import capabilities
 from harness.kernel import provision as kernels
 from harness.kernel.catalogue import KernelEntry
-from harness.outcome import HarnessError
+from harness.outcome import ConfigError, HarnessError
 from harness.plugin.settings import Settings, matrix_key, passed_key, settings_key, vms_key
 from harness.snapshot import restore as snapshots
 from harness.storage import attach as storage
@@ -28,6 +30,7 @@ from harness.storage.controllers import Disk
 from harness.vm import accel, loadscale
 from harness.vm.boot import BootRequest, Vm, prepare_vm
 from harness.vm.deadlines import Deadlines
+from harness.vm.patterns import ConsoleVerdict
 from harness.vm.shell import GuestShell
 
 
@@ -40,6 +43,7 @@ class BuildInitramfs(Protocol):
         modules: Sequence[str] = ...,
         files: Mapping[str, Path | bytes] | None = ...,
         compression: str = ...,
+        template_dirs: Sequence[Path] = ...,
     ) -> Initramfs: ...
 
 
@@ -57,6 +61,14 @@ class BootVm(Protocol):
         expected_boots: int = ...,
         disks: Sequence[Disk] = ...,
         snapshot: bool | str | None = ...,
+        initrd: Path | None = ...,
+        root: str | None = ...,
+        expect: Sequence[str] = ...,
+        fail: Sequence[str] = ...,
+        markers: bool | None = ...,
+        root_failures: bool | None = ...,
+        overlay: OverlayFiles | None = ...,
+        template_dirs: Sequence[Path] = ...,
         **machine_options: Any,
     ) -> Vm: ...
 
@@ -112,8 +124,10 @@ def build_initramfs(request: pytest.FixtureRequest, kernel: kernels.Kernel) -> B
         modules: Sequence[str] = (),
         files: Mapping[str, Path | bytes] | None = None,
         compression: str = "gzip",
+        template_dirs: Sequence[Path] = (),
     ) -> Initramfs:
         spec = _spec(template, variables, modules, files, compression)
+        spec = replace(spec, template_dirs=tuple(template_dirs))
         return initramfs.build(kernel, spec, cache_dir)
 
     return build
@@ -182,6 +196,15 @@ def boot(
 
     ``boot(...)`` builds the initramfs from the template and returns a :class:`Vm` whose
     kernel has started /init (``start=False`` returns it before launching QEMU).
+
+    ``initrd=PATH`` boots a prebuilt image instead (no template, modules or files; the
+    disks' drivers are not added: the image must bring its own). ``root=`` is the kernel's
+    ``root=`` for a prebuilt image and the template's ``root`` variable otherwise.
+    ``expect``/``fail`` are console regexes (:mod:`harness.vm.patterns`): without markers
+    (``markers=False``, the default for ``initrd`` and for templates declaring
+    ``{# bootharness: markers=off #}``) the expect patterns in order are success and the
+    fail patterns plus the shipped root-failure table (``root_failures``) are TEST_FAIL.
+    ``overlay`` appends an archive of files to the image (:func:`harness.image.foreign.overlay`).
     """
     settings = _settings(request)
     vms: list[Vm] = []
@@ -199,10 +222,28 @@ def boot(
         expected_boots: int = 1,
         disks: Sequence[Disk] = (),
         snapshot: bool | str | None = None,
+        initrd: Path | None = None,
+        root: str | None = None,
+        expect: Sequence[str] = (),
+        fail: Sequence[str] = (),
+        markers: bool | None = None,
+        root_failures: bool | None = None,
+        overlay: OverlayFiles | None = None,
+        template_dirs: Sequence[Path] = (),
         **machine_options: Any,
     ) -> Vm:
         vm_dir = bootharness_workdir / f"vm{len(vms)}"
         disk_setup = None
+        if initrd is not None:
+            if template != DEFAULT_TEMPLATE or variables or modules or files:
+                raise ConfigError(
+                    "boot(initrd=...) boots a prebuilt image as it is: template, variables, "
+                    "modules and files do not apply (use overlay= to add files to it)"
+                )
+            if root is not None:
+                cmdline = f"root={root} {cmdline}".strip()
+        elif root is not None:
+            variables = {**(variables or {}), "root": root}
         if disks:
             # Controllers' drivers (and the root's file system) join the initramfs by
             # themselves; a kernel without them skips the test with the reason.
@@ -212,7 +253,8 @@ def boot(
             lacking = capabilities.lacks_reason(kernel, disk_setup.requirements)
             if lacking is not None:
                 pytest.skip(lacking)
-            modules = (*disk_setup.modules, *modules)
+            if initrd is None:
+                modules = (*disk_setup.modules, *modules)
         chosen = deadlines or settings.deadlines
         if deadlines is not None and settings.deadlines.multiplier != 1.0:
             chosen = deadlines.scaled(settings.deadlines.multiplier)
@@ -221,7 +263,9 @@ def boot(
         load = _load_factor(request) if deadlines is None else 1.0
         boot_request = BootRequest(
             kernel=kernel,
-            initramfs=_spec(template, variables, modules, files),
+            initramfs=replace(
+                _spec(template, variables, modules, files), template_dirs=tuple(template_dirs)
+            ),
             accel=bootharness_accel.name,
             deadlines=chosen.scaled(load) if load != 1.0 else chosen,
             cmdline=cmdline,
@@ -229,9 +273,21 @@ def boot(
             storage=disk_setup,
             load_factor=load,
             machine_options=machine_options,
+            initrd=Path(initrd) if initrd is not None else None,
+            overlay=dict(overlay or {}),
+            verdict=ConsoleVerdict(tuple(expect), tuple(fail), root_failures),
+            markers=markers,
         )
         # Snapshots (harness/snapshot/restore.py): every restore attaches its own overlays.
+        # They resume at our init's ready point, which an init without markers has not.
         mode = _snapshot_mode(request, settings, snapshot)
+        if mode != "off" and not boot_request.prints_markers:
+            if snapshot:
+                raise ConfigError(
+                    "snapshots need the harness's init (its ready point); this boot's init "
+                    "prints no markers: boot it cold (snapshot=False)"
+                )
+            mode = "off"
         if mode != "off":
             vm = snapshots.prepare_vm(
                 boot_request, cache_root=settings.cache_dir, workdir=vm_dir, mechanism=mode

@@ -186,7 +186,7 @@ def pytest_runtest_makereport(
         # The evidence says more than a traceback through pexpect and asyncio internals.
         report.longrepr = f"{error.outcome.name}: {error}"
         report.sections.append(("bootharness outcome", f"{error.outcome.name}: {error.message}"))
-        # DESIGN.md: an INFRA_ERROR is a pytest error, not a failure: the guest was never judged.
+        # An INFRA_ERROR is a pytest error, not a failure: the guest was never judged.
         if isinstance(error, InfraError) and report.when == "call":
             report.when = "setup"
     if report.failed and vms:

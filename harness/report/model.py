@@ -32,7 +32,7 @@ from harness.outcome import Outcome
 log = logging.getLogger(__name__)
 
 FORMAT = "bootharness-results-1"
-# Outcomes beyond the DESIGN.md taxonomy, for tests that never reached a verdict on a guest.
+# Outcomes beyond the taxonomy (docs/architecture.md), for tests that never judged a guest.
 SKIPPED = "SKIPPED"
 ERROR = "ERROR"  # a fixture or harness bug (not a HarnessError): never retried
 # Points of progress whose time goes into junit properties and the phase chart.

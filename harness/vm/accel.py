@@ -156,7 +156,8 @@ def choose_accelerator(
             ),
         )
     reason = f"{probe.reason}; using TCG"
-    log.warning("%s is present but KVM does not work: %s", kvm_device, reason)
+    # Said once, by the warning (pytest lists it; the CLI prints it as its own line).
+    log.info("%s is present but KVM does not work: %s", kvm_device, reason)
     warnings.warn(reason, KvmFallbackWarning, stacklevel=2)
     return AccelChoice("tcg", requested, reason)
 

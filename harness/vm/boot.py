@@ -3,8 +3,9 @@
 :class:`Vm` drives a :class:`~harness.vm.machine.Machine` through the boot's phases, each with
 its own deadline (scaled by one multiplier for slow machines), and records when each point of
 progress was reached. :func:`run` maps whatever happened to exactly one
-:class:`~harness.outcome.Outcome` following DESIGN.md: a kernel fault wins over everything,
-QEMU's exit status is never a verdict, and success is the nonce marker only this boot can print.
+:class:`~harness.outcome.Outcome` following docs/architecture.md: a kernel fault wins over
+everything, QEMU's exit status is never a verdict, and success is the nonce marker only this
+boot can print.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from harness import tools
+from harness import cache, tools
+from harness.image import foreign, templates
+from harness.image.foreign import OverlayFiles
 from harness.image.initramfs import Initramfs, InitramfsSpec
 from harness.image.initramfs import build as build_initramfs
 from harness.kernel.provision import Kernel
 from harness.outcome import (
+    ConfigError,
     Evidence,
     HarnessError,
     Outcome,
@@ -35,6 +39,7 @@ from harness.vm import exitcode, power
 from harness.vm.console import Console, ConsoleClosed, Mark, marker_regex
 from harness.vm.deadlines import DEFAULT_DEADLINES, Deadlines
 from harness.vm.machine import Machine, MachineSpec
+from harness.vm.patterns import INIT_START_REGEX, ConsoleVerdict
 from harness.vm.qmp import Qmp, QmpEvent
 from harness.vm.shell import GuestShell
 from harness.vm.state import VmState
@@ -83,6 +88,12 @@ class BootRequest:
     ``storage`` is planned but not attached: each VM folder gets its own disk overlays.
     ``machine_options`` are :class:`~harness.vm.machine.MachineSpec` fields (``machine``,
     ``memory_mb``, ``devices``, ``extra_args``, ...).
+
+    ``initrd`` boots a prebuilt image as it is instead of building ``initramfs``;
+    ``overlay`` appends an archive of files to whichever image boots
+    (:func:`harness.image.foreign.overlay`). ``verdict`` holds the console patterns; with
+    ``markers`` False (the default for ``initrd`` and for templates that declare
+    ``{# bootharness: markers=off #}``) they alone judge the boot (:mod:`harness.vm.patterns`).
     """
 
     kernel: Kernel
@@ -94,6 +105,24 @@ class BootRequest:
     storage: Storage | None = None
     load_factor: float = 1.0  # how much the machine's load stretched ``deadlines``
     machine_options: Mapping[str, Any] = field(default_factory=dict)
+    initrd: Path | None = None
+    overlay: OverlayFiles = field(default_factory=dict)
+    verdict: ConsoleVerdict = field(default_factory=ConsoleVerdict)
+    markers: bool | None = None
+
+    @property
+    def prints_markers(self) -> bool:
+        """Whether the init prints this harness's markers (else patterns judge the boot).
+
+        Raises:
+            ConfigError: the template cannot be found.
+        """
+        if self.markers is not None:
+            return self.markers
+        if self.initrd is not None:
+            return False
+        spec = self.initramfs
+        return templates.prints_markers(spec.template, extra_dirs=spec.template_dirs)
 
     def options_for(self, workdir: Path) -> dict[str, Any]:
         """The machine options with this request's disks attached in ``workdir``."""
@@ -111,26 +140,58 @@ def cold_machine(
 ) -> tuple[MachineSpec, str]:
     """The machine that boots ``request`` from the start, and the nonce on its command line.
 
-    Builds the initramfs (or takes it from the cache), attaches the disks' overlays in
-    ``workdir`` and keeps the rendered init there for the evidence.
+    Builds the initramfs (or takes it from the cache) or checks the prebuilt one, appends
+    the overlay, attaches the disks' overlays in ``workdir`` and keeps the rendered init (or
+    the prebuilt image's name and digest) there for the evidence.
 
     Raises:
-        ConfigError: bad template, module or file (see :func:`harness.image.initramfs.build`).
+        ConfigError: bad template, module or file (see :func:`harness.image.initramfs.build`),
+            or a prebuilt image the kernel cannot unpack.
     """
     kernel = request.kernel
-    image = build_initramfs(kernel, with_harness_modules(kernel, request.initramfs), cache_root)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "init.sh").write_text(image.init_script)
+    if request.initrd is not None:
+        foreign.check_kernel_can_unpack(request.initrd, kernel.config, kernel_name=kernel.name)
+        image_path = request.initrd
+        (workdir / "initrd.txt").write_text(
+            f"{request.initrd}\nsha256 {foreign.image_digest(request.initrd)}\n"
+        )
+    else:
+        spec = with_harness_modules(kernel, request.initramfs)
+        built = build_initramfs(kernel, spec, cache_root)
+        (workdir / "init.sh").write_text(built.init_script)
+        image_path = built.path
+    if request.overlay:
+        image_path = overlaid_image(image_path, request.overlay, cache_root)
     nonce = new_nonce()
-    spec = machine_spec(
+    machine = machine_spec(
         kernel,
-        image,
+        image_path,
         nonce=nonce,
         accel=request.accel,
         cmdline=request.cmdline,
         **request.options_for(workdir),
     )
-    return spec, nonce
+    return machine, nonce
+
+
+def overlaid_image(image: Path, files: OverlayFiles, cache_root: Path) -> Path:
+    """``image`` with an overlay archive of ``files`` appended, kept in the cache under the
+    digest of both (the same base and files give the same image, built once).
+
+    Raises:
+        ConfigError: an unreadable image or a bad overlay file.
+    """
+    archive = foreign.overlay_archive(image, files)
+    key = cache.digest(["overlay-1", foreign.image_digest(image), archive])
+    target = cache_root / "initramfs" / f"overlay-{key[:32]}.img"
+
+    def write(partial: Path) -> None:
+        data = image.read_bytes()
+        partial.write_bytes(data + b"\0" * (-len(data) % 4) + archive)
+
+    cache.build_once(target, write)
+    return target
 
 
 def prepare_vm(request: BootRequest, *, cache_root: Path, workdir: Path) -> Vm:
@@ -162,6 +223,8 @@ def vm_for(
         storage=request.storage,
         load_factor=request.load_factor,
         start_plan=start_plan,
+        verdict=request.verdict,
+        markers=request.prints_markers,
     )
 
 
@@ -248,6 +311,8 @@ class Vm:
         storage: Storage | None = None,
         load_factor: float = 1.0,
         start_plan: StartPlan | None = None,
+        verdict: ConsoleVerdict | None = None,
+        markers: bool = True,
     ) -> None:
         self.spec = spec
         self.kernel = kernel  # what it boots, for reports (None for a hand-made spec)
@@ -256,7 +321,11 @@ class Vm:
         self.boot_mechanism = "cold"  # or how a snapshot restored it (harness.snapshot.restore)
         self.nonce = nonce
         self.deadlines = deadlines
-        self.machine = Machine(spec, workdir, nonce=nonce, expected_boots=expected_boots)
+        # Whether the init prints our markers; without them the console patterns of
+        # ``verdict`` judge the boot and the kernel's messages mark its phases.
+        self.markers = markers
+        self.verdict = verdict or ConsoleVerdict()
+        self.machine = self._new_machine(spec, workdir, nonce, expected_boots)
         self.start_plan = start_plan
         self._guest_shell: GuestShell | None = None
 
@@ -268,8 +337,20 @@ class Vm:
         if self.machine.launched:
             raise RuntimeError("use_machine: the VM's QEMU was launched already")
         self.spec, self.nonce = spec, nonce
-        self.machine = Machine(spec, workdir, nonce=nonce, expected_boots=expected_boots)
+        self.machine = self._new_machine(spec, workdir, nonce, expected_boots)
         return self.machine
+
+    def _new_machine(
+        self, spec: MachineSpec, workdir: Path, nonce: str, expected_boots: int
+    ) -> Machine:
+        return Machine(
+            spec,
+            workdir,
+            nonce=nonce,
+            expected_boots=expected_boots,
+            failure_rows=self.verdict.failure_rows(markers=self.markers),
+            kernel_phases=not self.markers,
+        )
 
     @property
     def console(self) -> Console:
@@ -299,11 +380,15 @@ class Vm:
             self.boot_cold()
 
     def boot_cold(self) -> None:
-        """Launch QEMU from the firmware and wait for the kernel to start /init."""
+        """Launch QEMU from the firmware and wait for the kernel to start /init (the init's
+        INIT-START marker, or without markers the kernel's "Run /init as init process")."""
         self.machine.launch()
         self.machine.resume()
         self._expect(re.compile(r"[\s\S]"), "firmware")
-        self.expect_marker("INIT-START", phase="kernel")
+        if self.markers:
+            self.expect_marker("INIT-START", phase="kernel")
+        else:
+            self._expect(INIT_START_REGEX, "kernel", awaited="the kernel starting the init")
 
     def expect_marker(
         self, *events: str, phase: str, timeout: float | None = None
@@ -321,8 +406,31 @@ class Vm:
         return event, detail
 
     def expect_pass(self) -> None:
-        """Wait for the init's success marker."""
-        self.expect_marker("PASS", phase="init")
+        """Wait for the init's success marker; without markers, for every ``expect`` pattern
+        in order (marks ``expect:1``, ``expect:2``..., then ``PASS``).
+
+        Raises:
+            ConfigError: a boot without markers and without expect patterns.
+            KernelFault, TestFailure, BootTimeout: see :func:`run`.
+        """
+        if self.markers:
+            self.expect_marker("PASS", phase="init")
+            return
+        patterns = self.verdict.expect_patterns
+        if not patterns:
+            raise ConfigError(
+                "this init prints no markers, so only expect patterns can say it succeeded: "
+                "give expect=[REGEX, ...] (CLI: --expect REGEX), the line(s) a good boot prints"
+            )
+        recorder = self.machine.console.recorder
+        for number, pattern in enumerate(patterns, start=1):
+            match = self._expect(pattern, "init", awaited=f"expect pattern {pattern.pattern!r}")
+            detail = match.group(0).strip()[:120]
+            recorder.marks.append(Mark(f"expect:{number}", self._now(), detail))
+        recorder.marks.append(Mark("PASS", self._now()))
+
+    def _now(self) -> float:
+        return time.monotonic() - self.machine.console.recorder.started
 
     def wait_shutdown(self) -> int | None:
         """Wait for the guest to power off; QEMU's exit status (never a verdict)."""
@@ -342,20 +450,25 @@ class Vm:
         self.machine.console.check_faults(phase, self.deadlines.of(phase))
 
     def _expect(
-        self, pattern: re.Pattern[str], phase: str, timeout: float | None = None
+        self,
+        pattern: re.Pattern[str],
+        phase: str,
+        timeout: float | None = None,
+        *,
+        awaited: str = "its marker",
     ) -> re.Match[str]:
         limit = self.deadlines.of(phase) if timeout is None else timeout
         try:
             return self.machine.console.expect(pattern, phase=phase, timeout=limit)
         except ConsoleClosed:
-            raise self._closed_error(phase) from None
+            raise self._closed_error(phase, awaited) from None
 
-    def _closed_error(self, phase: str) -> HarnessError:
+    def _closed_error(self, phase: str, awaited: str = "its marker") -> HarnessError:
         status = self.machine.wait(5.0)
         if status is None or status != 0:
             return self.machine.exited_error(f"exited during the {phase} phase")
         return TestFailure(
-            f"the guest stopped during the {phase} phase before its marker "
+            f"the guest stopped during the {phase} phase before {awaited} "
             "(QEMU exited 0: power-off or reset without a kernel fault)",
             self.evidence(phase),
         )
@@ -371,7 +484,7 @@ class Vm:
             stderr=self.machine.stderr_text(),
         )
 
-    # Driving the guest (harness/shell.py, vmstate.py, power.py, exitcode.py): thin entry
+    # Driving the guest (harness/vm/shell.py, state.py, power.py, exitcode.py): thin entry
     # points, so tests write vm.shell().run(...) and vm.reset(); the modules say what raises.
 
     def shell(self, **options: Any) -> GuestShell:

@@ -22,8 +22,9 @@ from pathlib import Path
 import pexpect
 import pexpect.fdpexpect
 
-from harness.outcome import BootTimeout, Evidence, KernelFault
+from harness.outcome import BootTimeout, Evidence, KernelFault, TestFailure
 from harness.vm import faults
+from harness.vm.patterns import LineWatcher
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,9 @@ MARKER_PREFIX = "[bootharness:"
 _BANNER = re.compile(r"Linux version \S+")
 # How long to keep reading after a fault so the excerpt holds the whole trace.
 FAULT_GRACE = 0.5
+# How long to keep reading after a failure pattern matched: a kernel fault that follows it
+# (the panic after "VFS: Unable to mount root fs") wins, and the evidence gets what follows.
+FAILURE_GRACE = 1.0
 _POLL = 0.05
 
 
@@ -56,6 +60,8 @@ class ConsoleRecorder:
     expected_boots: InitVar[int] = 1
     marks: list[Mark] = field(default_factory=list)
     scanner: faults.FaultScanner = field(init=False)
+    # Failure patterns and kernel phase marks, for inits without markers (harness.vm.patterns).
+    watcher: LineWatcher | None = None
     _chunks: list[str] = field(default_factory=list)
     _partial: str = ""
 
@@ -70,6 +76,10 @@ class ConsoleRecorder:
         self._chunks.append(chunk)
         for fault in self.scanner.feed(chunk):
             self.marks.append(Mark(f"fault:{fault.name}", now, fault.line.strip()[:120]))
+        if self.watcher is not None:
+            hits, phases = self.watcher.feed(chunk)
+            self.marks += [Mark(name, now, detail) for name, detail, _ in phases]
+            self.marks += [Mark(f"fail:{h.pattern.name}", now, h.line.strip()[:120]) for h in hits]
         lines = (self._partial + chunk).split("\n")
         self._partial = lines.pop()
         for line in lines:
@@ -144,6 +154,7 @@ class Console:
         )
         self.child.delaybeforesend = None  # pexpect sleeps 50 ms before each send by default
         self.child.logfile_read = recorder
+        self._closed = False  # the console reached end of file
 
     def send(self, text: str) -> None:
         self.child.send(text)
@@ -164,6 +175,7 @@ class Console:
         deadline = time.monotonic() + timeout
         while True:
             self.check_faults(phase, timeout)
+            self.check_failures(phase, timeout)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise BootTimeout(
@@ -175,9 +187,15 @@ class Console:
             except pexpect.TIMEOUT:
                 continue
             except pexpect.EOF:
+                self._closed = True
+                self.recorder.scanner.flush()
                 self.check_faults(phase, timeout)
+                if self.recorder.watcher is not None:
+                    self.recorder.watcher.flush()
+                self.check_failures(phase, timeout)
                 raise ConsoleClosed(phase) from None
             self.check_faults(phase, timeout)
+            self.check_failures(phase, timeout)
             match = self.child.match
             assert isinstance(match, re.Match)
             return match
@@ -216,6 +234,35 @@ class Console:
             summary += f" (QEMU also reported {external})"
         evidence = self._with(phase, timeout, excerpt=snippet)
         raise KernelFault(summary, evidence)
+
+    def check_failures(self, phase: str, timeout: float) -> None:
+        """Raise TestFailure if a failure pattern matched a console line (after a short
+        grace in which a kernel fault, which wins, may still arrive).
+
+        Raises:
+            KernelFault: a fault came during the grace.
+            TestFailure: with the matched line as the reason.
+        """
+        watcher = self.recorder.watcher
+        if watcher is None or not watcher.hits:
+            return
+        self._read_for(FAILURE_GRACE)
+        if self._closed:
+            self.recorder.scanner.flush()  # the last line, if unfinished, may be a fault
+        self.check_faults(phase, timeout)
+        hit = watcher.hits[0]
+        snippet = faults.excerpt(self.recorder.text, hit.offset)
+        raise TestFailure(hit.reason, self._with(phase, timeout, excerpt=snippet))
+
+    def _read_for(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._closed and (remaining := deadline - time.monotonic()) > 0:
+            try:
+                self.child.read_nonblocking(65536, timeout=min(_POLL, remaining))
+            except pexpect.TIMEOUT:
+                continue
+            except pexpect.EOF:
+                self._closed = True
 
     def _read_rest_of_trace(self) -> None:
         deadline = time.monotonic() + FAULT_GRACE

@@ -29,6 +29,7 @@ from pathlib import Path
 from harness import tools
 from harness.outcome import Evidence, InfraError
 from harness.vm.console import Console, ConsoleRecorder
+from harness.vm.patterns import FailurePattern, LineWatcher
 from harness.vm.qmp import Qmp, QmpError
 
 log = logging.getLogger(__name__)
@@ -130,11 +131,24 @@ class Machine:
     A context manager: every exit path ends QEMU (QMP quit, then SIGTERM, then SIGKILL).
     """
 
-    def __init__(self, spec: MachineSpec, workdir: Path, *, nonce: str, expected_boots: int = 1):
+    def __init__(
+        self,
+        spec: MachineSpec,
+        workdir: Path,
+        *,
+        nonce: str,
+        expected_boots: int = 1,
+        failure_rows: Sequence[FailurePattern] = (),
+        kernel_phases: bool = False,
+    ):
         self.spec = spec
         self.workdir = workdir
         self.nonce = nonce
         self.expected_boots = expected_boots
+        # Console verdicts for inits without markers (harness.vm.patterns): the failure rows
+        # to watch for, and whether the kernel's own messages mark the phases.
+        self.failure_rows = tuple(failure_rows)
+        self.kernel_phases = kernel_phases
         self.argv: list[str] = []
         self.started = 0.0
         self.process: subprocess.Popen[bytes] | None = None
@@ -216,7 +230,10 @@ class Machine:
         _LIVE.add(self)
         (self.workdir / "qemu.pid").write_text(f"{self.process.pid}\n")
         (self.workdir / "qemu.argv").write_text("\n".join(argv) + "\n")
-        recorder = ConsoleRecorder(self.started, self.nonce, self.expected_boots)
+        watcher = None
+        if self.failure_rows or self.kernel_phases:
+            watcher = LineWatcher(self.failure_rows, phases=self.kernel_phases)
+        recorder = ConsoleRecorder(self.started, self.nonce, self.expected_boots, watcher=watcher)
         self._console = Console(
             console_ours,
             recorder,

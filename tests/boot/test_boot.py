@@ -1,4 +1,4 @@
-"""Real boots of the default kernel under TCG: every outcome of DESIGN.md's table."""
+"""Real boots of the default kernel under TCG: every outcome (docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -127,7 +127,7 @@ def test_only_infra_errors_are_retried_and_a_kernel_fault_wins(
 def test_retries_can_be_turned_off(pytester: pytest.Pytester, catalogue: str) -> None:
     pytester.makepyfile(test_retry=RETRY_TESTS)
     result = pytester.runpytest(catalogue, "--infra-retries", "0", "-k", "infra_once")
-    result.assert_outcomes(errors=1)  # INFRA_ERROR is a pytest error (DESIGN.md)
+    result.assert_outcomes(errors=1)  # INFRA_ERROR is a pytest error (docs/architecture.md)
     assert (pytester.path / "infra").read_text() == "1"
 
 
