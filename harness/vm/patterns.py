@@ -11,6 +11,11 @@ knows nothing of the harness's nonce. Its boot is judged by what it prints:
 * progress: :data:`KERNEL_PHASES`, marks taken from the kernel's own messages ("Run /init as
   init process"), so reports still have phases.
 
+A real system goes on past its root: :data:`SYSTEMD_FAILURES` are systemd's own status lines
+for a unit that failed, a dependency that failed, a device that never came and emergency mode,
+each naming the unit; they are part of the shipped table. systemd colours its status lines
+(ANSI escapes), so lines are matched with escape sequences removed.
+
 Every row was checked against real console logs kept in ``tests/data/console/`` (successful
 boots must match no failure row). Two lessons from those logs shaped the table: a generator's
 messages for *optional* devices look like its fatal ones ("Gave up waiting for suspend/resume
@@ -76,6 +81,15 @@ ROOT_FAILURES: tuple[FailurePattern, ...] = (
         "root-needs-fsck", INITRAMFS_TOOLS, r"The \S+ filesystem on \S+ requires a manual fsck"
     ),
     FailurePattern("initramfs-shell", INITRAMFS_TOOLS, r"^\(initramfs\) ", prompt=True),
+    # cryptsetup-initramfs (scripts/local-top/cryptroot): said once per refused passphrase.
+    FailurePattern(
+        "luks-passphrase-refused",
+        INITRAMFS_TOOLS,
+        r"cryptsetup: ERROR: \S+: cryptsetup failed, bad password or options",
+    ),
+    FailurePattern(
+        "luks-too-many-tries", INITRAMFS_TOOLS, r"cryptsetup: ERROR: \S+: maximum number of tries"
+    ),
     # dracut 059: the shell-based init (99base) and the systemd flavour (98dracut-systemd).
     FailurePattern("could-not-boot", DRACUT, r"dracut Warning: Could not boot\."),
     FailurePattern("root-mount-failed", DRACUT, r"dracut Warning: Can't mount root filesystem"),
@@ -107,6 +121,44 @@ ROOT_FAILURES: tuple[FailurePattern, ...] = (
     FailurePattern("unable-to-mount-root", KERNEL, r"VFS: Unable to mount root fs"),
     FailurePattern("no-working-init", KERNEL, r"No working init found"),
 )
+
+
+SYSTEMD = "systemd"
+
+# systemd's status lines on the console (escapes removed): "[FAILED]", "[DEPEND]" and
+# "[ TIME ]" name the unit (ellipsised to the console width unless COLUMNS is set wide, see
+# harness.vm.login). A healthy boot prints none of them. The unit names of a failed
+# initramfs-tools LUKS unlock and of dracut's systemd-cryptsetup both land here too:
+# "[FAILED] Failed to start systemd-cryptsetup@luks-....service" after the tries.
+SYSTEMD_FAILURES: tuple[FailurePattern, ...] = (
+    FailurePattern(
+        "unit-failed",
+        SYSTEMD,
+        r"\[FAILED\] Failed to (?:start|mount|activate|listen on|set up|load|run) \S",
+    ),
+    FailurePattern("dependency-failed", SYSTEMD, r"\[DEPEND\] Dependency failed for \S"),
+    FailurePattern("device-timeout", SYSTEMD, r"\[ TIME \] Timed out waiting for device \S"),
+    FailurePattern(
+        "emergency-mode",
+        SYSTEMD,
+        r"You are in (?:emergency|rescue) mode\.|Reached target emergency\.target|"
+        r"Welcome to (?:emergency|rescue) mode",
+    ),
+    FailurePattern(
+        "maintenance-prompt",
+        SYSTEMD,
+        r"(?:Press Enter for maintenance|Give root password for maintenance)",
+        prompt=True,
+    ),
+)
+
+# ANSI escape sequences (colours, cursor moves) as systemd writes them on the console.
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1bM")
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without terminal escape sequences."""
+    return ANSI_ESCAPE.sub("", text)
 
 
 @dataclass(frozen=True)
@@ -185,7 +237,7 @@ class ConsoleVerdict:
             FailurePattern(f"fail:{n}", TEST, regex) for n, regex in enumerate(self.fail, 1)
         )
         shipped = self.root_failures if self.root_failures is not None else not markers
-        return own + (ROOT_FAILURES if shipped else ())
+        return own + (ROOT_FAILURES + SYSTEMD_FAILURES if shipped else ())
 
 
 def check_table(rows: Sequence[FailurePattern]) -> None:
@@ -205,7 +257,7 @@ def check_table(rows: Sequence[FailurePattern]) -> None:
         seen.add((row.source, row.name))
 
 
-check_table(ROOT_FAILURES)
+check_table(ROOT_FAILURES + SYSTEMD_FAILURES)
 
 
 class LineWatcher:
@@ -237,10 +289,11 @@ class LineWatcher:
             self._match_line(line.rstrip("\r"), self._offset)
             self._offset += len(line) + 1
         if self._partial and self._prompts and self._prompt_seen_at != self._offset:
+            partial = strip_ansi(self._partial)
             for row, regex in self._prompts:
-                if regex.search(self._partial):
+                if regex.search(partial):
                     self._prompt_seen_at = self._offset
-                    self.hits.append(PatternHit(row, self._partial, self._offset))
+                    self.hits.append(PatternHit(row, partial, self._offset))
                     break
         return self.hits[hits_before:], self.phase_marks[marks_before:]
 
@@ -255,6 +308,7 @@ class LineWatcher:
     def _match_line(self, line: str, offset: int) -> None:
         if not line or offset == self._prompt_seen_at:  # a prompt already reported
             return
+        line = strip_ansi(line)
         for row, regex in self._compiled:
             if regex.search(line):
                 self.hits.append(PatternHit(row, line, offset))
@@ -269,7 +323,9 @@ class LineWatcher:
                 self.phase_marks.append((phase.name, detail, offset))
 
 
-def find_failures(text: str, rows: Sequence[FailurePattern] = ROOT_FAILURES) -> list[PatternHit]:
+def find_failures(
+    text: str, rows: Sequence[FailurePattern] = ROOT_FAILURES + SYSTEMD_FAILURES
+) -> list[PatternHit]:
     """Every failure row matched in a whole console text, in console order."""
     watcher = LineWatcher(rows)
     watcher.feed(text)
@@ -277,7 +333,9 @@ def find_failures(text: str, rows: Sequence[FailurePattern] = ROOT_FAILURES) -> 
     return watcher.hits
 
 
-def first_failure(text: str, rows: Sequence[FailurePattern] = ROOT_FAILURES) -> PatternHit | None:
+def first_failure(
+    text: str, rows: Sequence[FailurePattern] = ROOT_FAILURES + SYSTEMD_FAILURES
+) -> PatternHit | None:
     """The first failure row matched in ``text``, or None."""
     hits = find_failures(text, rows)
     return hits[0] if hits else None
