@@ -28,8 +28,10 @@ DEBIAN_PACKAGE: dict[str, str] = {
     "sh": "dash",
     "sfdisk": "fdisk",
     "git": "git",
-    "mmdebstrap": "mmdebstrap",
+    "mkinitramfs": "initramfs-tools-core",
     "unshare": "util-linux",
+    "dpkg-query": "dpkg",
+    "mmdebstrap": "mmdebstrap",
     "chroot": "coreutils",
 }
 

@@ -26,6 +26,17 @@ def qemu_children(parent: int) -> list[int]:
     return found
 
 
+BOOT_TESTS = Path(__file__).resolve().parent / "boot"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under tests/boot starts QEMU, with or without the ``boot`` fixture: each gets
+    the ``boot`` marker, so ``-m "not boot"`` runs no VM (tests/unit/test_markers.py checks)."""
+    for item in items:
+        if BOOT_TESTS in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.boot)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_qemu_left_behind() -> Iterator[None]:
     """No test may leave a QEMU process running: checked when the session (or worker) ends."""

@@ -26,11 +26,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from harness.bisect.oracles import BootOracle, PytestOracle
+from harness.bisect.oracles import BootOracle, InitrdOracle, PytestOracle
 from harness.bisect.search import Observation, Step
 from harness.bisect.search import bisect as run_bisect
 from harness.bisect.verdicts import VerdictCache
-from harness.cli import common
+from harness.cli import common, text
 from harness.image import templates
 from harness.kernel.catalogue import Catalogue
 from harness.kernel.provision import Kernel, provision
@@ -63,11 +63,11 @@ error), 129 abort (harness bug). Example:
 """
 
 
-def register(commands: Any, common: argparse.ArgumentParser) -> None:
+def register(commands: Any, shared: argparse.ArgumentParser) -> None:
     """Add ``bisect`` and ``bisect-step`` to the ``bootharness`` command line."""
     parser = commands.add_parser(
         "bisect",
-        parents=[common],
+        parents=[shared],
         help="find the first bad kernel between a good and a bad one",
         description="Bisect over the kernels of kernels.toml (file order) between --good and "
         "--bad, or over --kernels-list. Exit: 0 found, 1 a range (skips), 2 ends disagree, "
@@ -81,6 +81,13 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
         help="candidates in order, good side first (names or tags; default: every kernel of "
         "kernels.toml from --good to --bad)",
     )
+    parser.add_argument(
+        "--initrds",
+        metavar="A.img,B.img,...",
+        help="bisect initrd FILES instead of kernels (good first), booted with one kernel "
+        "(-k) as `bootharness boot --initrd` boots them, or given to --pytest as --initrd",
+    )
+    parser.add_argument("-k", "--kernel", help="the kernel of --initrds (default: the default)")
     oracle = parser.add_argument_group("oracle (a boot with a template, or --pytest)")
     oracle.add_argument("-t", "--template", help="init template (default: init.sh.j2)")
     oracle.add_argument(
@@ -99,6 +106,7 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
         "--pytest-arg", action="append", default=[], metavar="ARG", help="extra pytest argument"
     )
     _add_run_options(parser)
+    common.add_foreign_options(parser, initrd=False)
     parser.set_defaults(func=cmd_bisect)
 
     # Everything after bisect-step is parsed by cmd_bisect_step, whose usage errors must exit
@@ -131,12 +139,73 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_bisect(args: argparse.Namespace) -> int:
+    if args.initrds:
+        return _bisect_initrds(args)
+    foreign_only = [args.kernel, args.disks, args.root, args.expect, args.fail, args.overlays]
+    if any(foreign_only) or args.markers is not None or args.root_failures is not None:
+        raise ConfigError(
+            "bisect: -k/--disk/--root/--expect/--fail/--overlay/--markers go with --initrds "
+            "(over kernels, the template's init judges the boot)"
+        )
     catalogue = common.catalogue_of(args)
     root = common.cache_of(args)
     candidates = bisect_candidates(catalogue, args.good, args.bad, args.kernels_list)
     workdir = args.workdir or common.new_run_dir(root, "bisect")
     oracle = _kernel_oracle(args, catalogue, root, workdir)
     print(f"bisecting {len(candidates)} kernels: {', '.join(candidates)}", flush=True)
+    result = run_bisect(candidates, oracle, on_step=_print_step)
+    print("\n".join(text.bisect_table(result)), flush=True)
+    print(result.render(), flush=True)
+    return result.status.exit_code
+
+
+def _bisect_initrds(args: argparse.Namespace) -> int:
+    """Bisect over initrd files with one kernel; the candidates are the paths as given."""
+    if args.good or args.bad or args.kernels_list:
+        raise ConfigError(
+            "bisect --initrds: the list is the range; drop --good/--bad/--kernels-list"
+        )
+    candidates = [word.strip() for word in args.initrds.split(",") if word.strip()]
+    for candidate in candidates:
+        if not Path(candidate).is_file():
+            raise ConfigError(f"bisect --initrds: {candidate} is not a file")
+    catalogue = common.catalogue_of(args)
+    root = common.cache_of(args)
+    kernel = provision(common.one_kernel(catalogue, args.kernel), root, progress=False)
+    workdir = args.workdir or common.new_run_dir(root, "bisect")
+    verdicts = None if args.no_cache else VerdictCache(args.verdicts or root / "verdicts")
+    oracle: Callable[[str], Observation]
+    if args.pytest:
+        boot_only = [args.template, args.commands, args.variables, args.modules, args.dirs]
+        boot_only += [args.disks, args.root, args.expect, args.fail, args.overlays]
+        if any(boot_only) or args.cmdline:
+            raise ConfigError(
+                "bisect --initrds --pytest judges with a test (it gets each image as --initrd): "
+                "drop the boot options"
+            )
+        oracle = PytestOracle(
+            node_id=args.pytest,
+            kernels=lambda name: provision(catalogue.get(name), root, progress=False),
+            kernels_file=catalogue.path,
+            cache_root=root,
+            workdir=workdir,
+            accel=None if args.accel == "auto" else args.accel,
+            extra_args=tuple(args.pytest_arg),
+            verdicts=verdicts,
+            initrd_kernel=kernel.name,
+        )
+    else:
+        args.template = args.template or templates.DEFAULT_TEMPLATE
+        args.files, args.compression = [], "gzip"
+        request = common.boot_request(
+            args,
+            kernel,
+            accel=common.accelerator(args.accel, root),
+            deadlines=Deadlines.from_options(args.boot_timeout, args.timeout_multiplier),
+            initrd=Path(candidates[0]),
+        )
+        oracle = InitrdOracle(request, cache_root=root, workdir=workdir, verdicts=verdicts)
+    print(f"bisecting {len(candidates)} initrds with {kernel.name}: {', '.join(candidates)}")
     result = run_bisect(candidates, oracle, on_step=_print_step)
     print(result.render(), flush=True)
     return result.status.exit_code

@@ -8,6 +8,7 @@ CLI's imports run one way: common <- commands <- main.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import select
@@ -32,8 +33,15 @@ from harness.kernel.catalogue import (
     find_catalogue,
     load_catalogue,
 )
+from harness.kernel.provision import Kernel
 from harness.outcome import ConfigError, Outcome
+from harness.storage import attach as storage_attach
+from harness.storage import controllers
+from harness.storage.controllers import Disk
 from harness.vm.accel import VALID_REQUESTS, KvmFallbackWarning, choose_accelerator
+from harness.vm.boot import BootRequest
+from harness.vm.deadlines import Deadlines
+from harness.vm.patterns import ConsoleVerdict
 
 USAGE_EXIT = Outcome.CONFIG_ERROR.cli_exit
 ESCAPE = b"\x1d"  # Ctrl-], as telnet and virsh console use
@@ -237,3 +245,150 @@ def accelerator(requested: str, root: Path) -> str:
     if choice.requested == "auto" and choice.name == "tcg":
         print(f"bootharness: using tcg: {choice.reason}", file=sys.stderr)
     return choice.name
+
+
+DEFAULT_DISK_CONTROLLER = "virtio-blk"
+
+
+def add_foreign_options(parser: argparse.ArgumentParser, *, initrd: bool = True) -> None:
+    """Options of a boot of any image and any init: a prebuilt initrd, disks, the root, the
+    console patterns that judge an init without markers, and an overlay."""
+    group = parser.add_argument_group("any initrd, any init (console verdicts)")
+    if initrd:
+        group.add_argument(
+            "--initrd",
+            type=Path,
+            metavar="FILE",
+            help="boot this prebuilt image as it is (no template; any compression the kernel "
+            "unpacks, early+main concatenations too)",
+        )
+    group.add_argument(
+        "--disk",
+        action="append",
+        default=[],
+        dest="disks",
+        metavar="IMAGE[:CONTROLLER]",
+        help="attach a disk (copy-on-write overlay; repeatable; controller default "
+        f"{DEFAULT_DISK_CONTROLLER}: {', '.join(controllers.CONTROLLERS)})",
+    )
+    group.add_argument(
+        "--root",
+        metavar="SPEC",
+        help="the root: root= of the kernel (with --initrd) or the "
+        "template's root variable (/dev/sda, LABEL=x, UUID=...)",
+    )
+    group.add_argument(
+        "--expect",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="a console line that means success (repeatable, matched in order)",
+    )
+    group.add_argument(
+        "--fail",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="a console line that means TEST_FAIL (repeatable; besides the shipped table of "
+        "root failures)",
+    )
+    group.add_argument(
+        "--no-root-failures",
+        action="store_const",
+        const=False,
+        default=None,
+        dest="root_failures",
+        help="do not judge by the shipped table of initramfs-tools/dracut/kernel root failures",
+    )
+    group.add_argument(
+        "--markers",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="whether the init prints bootharness markers (default: yes for templates unless "
+        "they declare markers=off, no for --initrd)",
+    )
+    group.add_argument(
+        "--overlay",
+        action="append",
+        default=[],
+        dest="overlays",
+        metavar="PATH=HOSTPATH",
+        help="append an archive holding HOSTPATH at PATH to the image (repeatable)",
+    )
+
+
+def parse_disk(text: str) -> Disk:
+    """``IMAGE[:CONTROLLER]`` -> a :class:`Disk` (the suffix counts only when it names a
+    controller, so image paths with colons still work).
+
+    Raises:
+        ConfigError: the image does not exist.
+    """
+    image, sep, name = text.rpartition(":")
+    if not sep or name not in controllers.CONTROLLERS:
+        image, name = text, DEFAULT_DISK_CONTROLLER
+    path = Path(image).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"--disk {text}: no disk image {path}")
+    return Disk(path, name)
+
+
+def boot_request(
+    args: argparse.Namespace,
+    kernel: Kernel,
+    *,
+    accel: str,
+    deadlines: Deadlines,
+    after: str | None = None,
+    initrd: Path | None = None,
+) -> BootRequest:
+    """The :class:`BootRequest` of a ``bootharness boot``-like command line.
+
+    Raises:
+        ConfigError: template options with ``--initrd``, a missing image or disk, a bad
+            regex, or an init without markers and no ``--expect``.
+    """
+    initrd = initrd if initrd is not None else getattr(args, "initrd", None)
+    spec = initramfs_spec(args, after=after)
+    cmdline = args.cmdline
+    if initrd is not None:
+        if not Path(initrd).is_file():
+            raise ConfigError(f"--initrd {initrd}: no such file")
+        template_options = [args.modules, args.files, args.variables, args.commands, args.dirs]
+        if any(template_options) or args.template != templates.DEFAULT_TEMPLATE:
+            raise ConfigError(
+                "--initrd boots a prebuilt image as it is: -t/-m/--file/--var/--run/"
+                "--template-dir do not apply (use --overlay PATH=HOSTPATH to add files)"
+            )
+        if args.root:
+            cmdline = f"root={args.root} {cmdline}".strip()
+    elif args.root:
+        spec = dataclasses.replace(spec, variables={**spec.variables, "root": args.root})
+    storage = None
+    if args.disks:
+        disk_list = [parse_disk(text) for text in args.disks]
+        # (Kernel options are not checked here: harness.kernel.capabilities belongs to the
+        # pytest side; a kernel without the controller's driver fails the boot with a reason.)
+        storage = storage_attach.plan(disk_list, variables=None if initrd else spec.variables)
+        if initrd is None:
+            modules = tuple(dict.fromkeys((*storage.modules, *spec.modules)))
+            spec = dataclasses.replace(spec, modules=modules)
+    overlay = {name: Path(host) for name, host in pairs(args.overlays, "--overlay", "PATH=HOST")}
+    request = BootRequest(
+        kernel,
+        spec,
+        accel=accel,
+        deadlines=deadlines,
+        cmdline=cmdline,
+        storage=storage,
+        initrd=Path(initrd) if initrd is not None else None,
+        overlay=overlay,
+        verdict=ConsoleVerdict(tuple(args.expect), tuple(args.fail), args.root_failures),
+        markers=args.markers,
+    )
+    if not request.prints_markers and not args.expect:
+        raise ConfigError(
+            "this init prints no bootharness markers (a prebuilt --initrd, --no-markers, or a "
+            "template declaring markers=off): say what success looks like with --expect REGEX"
+        )
+    return request

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from harness.cli import bisect as bisect_commands
+from harness.cli import foreign as foreign_commands
 from harness.cli import matrix as matrix_commands
 from harness.cli import report as report_commands
 from harness.cli import text as report
@@ -24,8 +25,10 @@ from harness.cli.common import (
     Parser,
     accelerator,
     add_boot_options,
+    add_foreign_options,
     add_global_options,
     attach,
+    boot_request,
     cache_of,
     catalogue_of,
     image_options,
@@ -34,6 +37,7 @@ from harness.cli.common import (
     one_kernel,
     setup_logging,
 )
+from harness.cli.progress import BootProgress
 from harness.image import cpio, initramfs
 from harness.kernel.provision import is_provisioned, provision
 from harness.outcome import ConfigError, HarnessError
@@ -93,9 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("file", type=Path, help="an initramfs: cpio, compressed or concatenated")
     ls.add_argument("--paths", action="store_true", help="print only the paths")
     ls.set_defaults(func=cmd_initramfs_ls)
+    foreign_commands.register(ramfs_commands, common)
 
     run = commands.add_parser("boot", parents=[common, image], help="boot a kernel under QEMU")
     add_boot_options(run)
+    add_foreign_options(run)
     run.add_argument(
         "--shell", action="store_true", help="after the init succeeds, attach to a shell"
     )
@@ -173,8 +179,8 @@ def cmd_boot(args: argparse.Namespace) -> int:
     kernel = provision(one_kernel(catalogue_of(args), args.kernel), root)
     accel = accelerator(args.accel, root)
     deadlines = Deadlines.from_options(args.boot_timeout, args.timeout_multiplier)
-    spec = initramfs_spec(args, after="shell" if args.shell else None)
-    request = boot.BootRequest(kernel, spec, accel=accel, deadlines=deadlines, cmdline=args.cmdline)
+    after = "shell" if args.shell else None
+    request = boot_request(args, kernel, accel=accel, deadlines=deadlines, after=after)
     vm = boot.prepare_vm(
         request, cache_root=root, workdir=args.workdir or new_run_dir(root, kernel.name)
     )
@@ -185,8 +191,13 @@ def cmd_boot(args: argparse.Namespace) -> int:
             print("console attached; Ctrl-] to leave", file=sys.stderr, flush=True)
             attach(vm.console.child)
         return 0
-    result = boot.run(vm, kernel=kernel, accel=accel)
-    print(result.render())
+    # The report is written as the boot goes (harness.cli.progress): head, phases, outcome.
+    head = boot.header_lines(kernel.name, kernel.release, boot.qemu_version(vm.spec.qemu), accel)
+    print("\n".join(head), flush=True)
+    with BootProgress(vm, sys.stdout, live=sys.stdout.isatty()) as progress:
+        result = boot.run(vm, kernel=kernel, accel=accel)
+        progress.finish(result.marks)
+    print("\n".join(result.end_lines()))
     return result.outcome.cli_exit
 
 

@@ -21,6 +21,7 @@ each link would write busybox 270 times.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ from pathlib import Path
 from harness import cache, compression
 from harness.image import cpio
 from harness.image.cpio import Entry, EntryKind, Member
-from harness.outcome import ConfigError
+from harness.outcome import ConfigError, HarnessError
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,33 @@ def _where_in(method: str, segment: int) -> Callable[[int], str]:
 def image_digest(path: Path) -> str:
     """The content digest of an image file: what keys verdicts and derived images."""
     return cache.file_digest(path)
+
+
+# Files only one generator puts into its images.
+GENERATOR_MARKS: tuple[tuple[str, str], ...] = (
+    ("initramfs-tools", "scripts/functions"),
+    ("initramfs-tools", "conf/initramfs.conf"),
+    ("dracut", "usr/lib/dracut-lib.sh"),  # dracut 059 (merged /usr)
+    ("dracut", "lib/dracut-lib.sh"),
+    ("dracut", "usr/bin/dracut-getarg"),
+)
+
+
+def generator_of(path: Path) -> str:
+    """``initramfs-tools`` or ``dracut`` when the image's files say so, else ``""`` (a hand-made
+    image, or one that cannot be read). Remembered per content digest: reading a compressed
+    image costs a decompression."""
+    return _generator_by_digest(image_digest(path), path)
+
+
+@functools.lru_cache(maxsize=64)
+def _generator_by_digest(digest: str, path: Path) -> str:
+    try:
+        segments = read_segments(path.read_bytes())
+    except (OSError, ValueError, HarnessError):
+        return ""
+    paths = {m.path for s in segments for m in s.members}
+    return next((name for name, mark in GENERATOR_MARKS if mark in paths), "")
 
 
 def check_kernel_can_unpack(path: Path, config: Mapping[str, str], *, kernel_name: str) -> None:

@@ -42,6 +42,10 @@ class Kernel:
     cmdline: str = ""
     version: str = ""  # the Debian package version, when there is one
     cache_dir: Path | None = None  # where derived files (vmlinux) may be cached
+    # Kernels built from source: the tree's commit and the digest of the .config built
+    # (12 hex digits each; "" for packaged and prebuilt kernels). Reports show them.
+    commit: str = ""
+    config_digest: str = ""
 
     @functools.cached_property
     def config(self) -> dict[str, str]:

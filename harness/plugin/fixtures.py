@@ -112,6 +112,17 @@ def kernel(request: pytest.FixtureRequest) -> kernels.Kernel:
         pytest.fail(f"cannot provision kernel {entry.name!r}: {error}", pytrace=False)
 
 
+@pytest.fixture(scope="session")
+def initrd(request: pytest.FixtureRequest) -> Path:
+    """The prebuilt initrd under test, from ``--initrd FILE`` (ini ``bootharness_initrd``);
+    ``bootharness bisect --initrds ... --pytest NODEID`` gives each candidate this way. A test
+    that takes it is skipped when no image was given."""
+    path = _settings(request).initrd
+    if path is None:
+        pytest.skip("no --initrd FILE given")
+    return path
+
+
 @pytest.fixture
 def build_initramfs(request: pytest.FixtureRequest, kernel: kernels.Kernel) -> BuildInitramfs:
     """Build an initramfs for the kernel under test from a template (cached by content)."""

@@ -81,6 +81,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "works; default off; marker snapshot / cold_boot per test)",
     )
     parser.addini("bootharness_snapshots", "snapshots: off, auto, shared-ram or stream", default="")
+    group.addoption(
+        "--initrd",
+        metavar="FILE",
+        help="a prebuilt initrd for tests that take the `initrd` fixture (bisect over images)",
+    )
+    parser.addini("bootharness_initrd", "the prebuilt initrd of the `initrd` fixture", default="")
     matrix.add_options(group, parser)  # controllers, templates, retries, reports
 
 
@@ -235,5 +241,7 @@ def _register_matrix_parts(config: pytest.Config) -> None:
             runs = history.load_runs(settings.history)
         except ConfigError as error:
             raise pytest.UsageError(f"--bootharness-history: {error}") from error
-        collector = collector_module.ResultsCollector(settings.json_path, settings.html_path, runs)
+        collector = collector_module.ResultsCollector(
+            settings.json_path, settings.html_path, runs, columns=settings.columns
+        )
         config.pluginmanager.register(collector, "bootharness-results")

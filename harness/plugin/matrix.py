@@ -20,6 +20,7 @@ import pytest
 
 from harness.image import templates
 from harness.plugin.settings import MatrixSettings
+from harness.report.view import COLUMN_DIMENSIONS
 from harness.storage import controllers
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,13 @@ def add_options(group: Any, parser: pytest.Parser) -> None:
         "bootharness_history", "earlier runs' results files or folders", type="args", default=[]
     )
     parser.addini("bootharness_html", "HTML report file", default="")
+    group.addoption(
+        "--bootharness-columns",
+        choices=COLUMN_DIMENSIONS,
+        help="the dimension the HTML report's columns follow (default: the one the run "
+        "varies most)",
+    )
+    parser.addini("bootharness_columns", "HTML report columns: a dimension", default="")
     parser.addini("bootharness_bundles", "folder for reproduction bundles", default="")
 
 

@@ -17,6 +17,7 @@ from harness import cache
 from harness.image import templates
 from harness.kernel.catalogue import Catalogue
 from harness.outcome import ConfigError
+from harness.report.view import COLUMN_DIMENSIONS
 from harness.snapshot.restore import MODES
 from harness.storage import controllers
 from harness.vm.accel import VALID_REQUESTS
@@ -35,6 +36,7 @@ class Settings:
     keep_artifacts: bool
     cache_dir: Path
     snapshots: str = "off"  # off, auto, shared-ram or stream (harness.snapshot.restore)
+    initrd: Path | None = None  # --initrd FILE: the prebuilt image the `initrd` fixture gives
 
 
 settings_key = pytest.StashKey[Settings]()
@@ -55,6 +57,7 @@ class MatrixSettings:
     html_path: Path | None = None
     bundles_dir: Path | None = None
     history: tuple[Path, ...] = ()  # earlier runs' results files or folders
+    columns: str | None = None  # the dimension the HTML report's columns follow
 
 
 matrix_key = pytest.StashKey[MatrixSettings]()
@@ -113,7 +116,17 @@ def read_settings(config: pytest.Config) -> Settings:
         ),
         cache_dir=cache.cache_root(pick("bootharness_cache", "bootharness_cache") or None),
         snapshots=snapshots,
+        initrd=_initrd(pick("initrd", "bootharness_initrd")),
     )
+
+
+def _initrd(value: str) -> Path | None:
+    if not value:
+        return None
+    path = Path(value).expanduser().resolve()
+    if not path.is_file():
+        raise pytest.UsageError(f"--initrd {value}: no such file")
+    return path
 
 
 def read_matrix_settings(config: pytest.Config) -> MatrixSettings:
@@ -137,6 +150,11 @@ def read_matrix_settings(config: pytest.Config) -> MatrixSettings:
     if retries < 0:
         raise pytest.UsageError(f"--infra-retries {retries}: use 0 or more")
     no_scaling = config.getoption("no_load_scaling")
+    columns = pick("bootharness_columns", "bootharness_columns") or None
+    if columns is not None and columns not in COLUMN_DIMENSIONS:
+        raise pytest.UsageError(
+            f"bootharness_columns = {columns!r}: use one of {', '.join(COLUMN_DIMENSIONS)}"
+        )
     settings = MatrixSettings(
         controllers=split_values(
             config.getoption("controller") or config.getini("bootharness_controller")
@@ -157,6 +175,7 @@ def read_matrix_settings(config: pytest.Config) -> MatrixSettings:
                 config.getoption("bootharness_history") or config.getini("bootharness_history")
             )
         ),
+        columns=columns,
     )
     try:
         controllers.select(settings.controllers)

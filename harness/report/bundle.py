@@ -146,6 +146,13 @@ def write(
         },
         "machine": {name: _plain(getattr(spec, name)) for name in _SPEC_FIELDS},
         "nonce": vm.nonce,
+        # How the boot was judged: markers, or console patterns (harness.vm.patterns).
+        "verdict": {
+            "markers": vm.markers,
+            "expect": list(vm.verdict.expect),
+            "fail": list(vm.verdict.fail),
+            "root_failures": vm.verdict.root_failures,
+        },
         "expected_boots": vm.machine.expected_boots,
         "deadlines": dataclasses.asdict(vm.deadlines),
         "load_factor": float(vm.load_factor),

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.outcome import Outcome
+from harness.vm.dimensions import DEFAULT_BOOT_PATH, NAMES, OURS, SEPARATOR, Dimensions
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,21 @@ class TestRecord:
 
     nodeid: str
     test: str  # the test function's name, without parameters
+    # The dimensions of the boot (harness.vm.dimensions.Dimensions, same names and defaults),
+    # read from the VM that booted; a test that booted nothing keeps its parameters'.
     kernel: str = ""
     release: str = ""
+    kernel_commit: str = ""
+    kernel_config: str = ""
     controller: str = ""
+    boot_path: str = DEFAULT_BOOT_PATH
+    initramfs: str = OURS
     template: str = ""
+    initramfs_digest: str = ""
+    generator: str = ""
+    layout: str = ""
+    kernel_warnings: list[str] = field(default_factory=list)
+    params: str = ""  # the parameter id of the test (pytest's callspec id), "" for none
     outcome: str = Outcome.PASS.name
     message: str = ""
     excerpt: str = ""
@@ -67,6 +79,7 @@ class TestRecord:
     phases: dict[str, float] = field(default_factory=dict)  # mark -> s since QEMU start
     console_logs: list[str] = field(default_factory=list)  # one per VM, in boot order
     bundle: str = ""
+    trace: str = ""  # a kernel fault's call trace, symbolised, when the kernel allows it
     qemu_version: str = ""
     accelerator: str = ""
     boot_mechanism: str = ""  # cold, or how a snapshot restored the VM
@@ -77,6 +90,50 @@ class TestRecord:
     @property
     def failed(self) -> bool:
         return self.outcome not in (Outcome.PASS.name, SKIPPED)
+
+    def dimensions(self) -> Dimensions:
+        """The record's dimensions as the VM reported them."""
+        values = {name: getattr(self, name) for name in NAMES}
+        values["kernel_warnings"] = tuple(self.kernel_warnings)
+        return Dimensions(**values)
+
+    def set_dimensions(self, dimensions: Dimensions) -> None:
+        """Take every dimension from ``dimensions`` (those of the VM that booted)."""
+        for name, value in dimensions.as_dict().items():
+            setattr(self, name, value)
+
+    @property
+    def param_id(self) -> str:
+        """The parameter id (``debian-6.1-amd64-ahci``), also for records that predate
+        ``params``: then read from the node id's brackets."""
+        if self.params:
+            return self.params
+        name = self.nodeid.rsplit("::", 1)[-1]
+        start = name.find("[")
+        return name[start + 1 : -1] if start >= 0 and name.endswith("]") else ""
+
+    def own_params(self) -> str:
+        """The parameter id without the kernel's name, which reports show as the row."""
+        params = self.param_id
+        if self.kernel and (params == self.kernel or params.startswith(f"{self.kernel}-")):
+            params = params[len(self.kernel) :].removeprefix("-")
+        return params
+
+    def history_key(self) -> tuple[str, ...]:
+        """Who this test is, whatever its node id says: the test function, the kernel, every
+        dimension the matrix varies, and what is left of the parameter id once those are
+        taken out. Two nights match on it when a new dimension (a boot path, a generator)
+        made its way into the ids. Values that change by themselves from night to night
+        (release, commit, digests, warnings) are left out."""
+        function = self.nodeid.split("[", 1)[0]
+        values = [self.controller, self.boot_path, self.initramfs, self.template]
+        values += [self.generator, self.layout]
+        rest = self.own_params()
+        for value in sorted({v for v in values if v}, key=len, reverse=True):
+            for part in (value, *value.split(SEPARATOR)):
+                rest = re.sub(rf"(?:(?<=-)|^){re.escape(part)}(?=-|$)", "", rest)
+        rest = "-".join(word for word in rest.split("-") if word)
+        return (function, self.kernel, *values, rest)
 
     @property
     def console_log(self) -> str:
@@ -135,8 +192,16 @@ def junit_properties(record: TestRecord) -> list[tuple[str, str]]:
         ("qemu_version", record.qemu_version),
         ("accelerator", record.accelerator),
         ("boot_mechanism", record.boot_mechanism),
+        ("kernel_commit", record.kernel_commit),
+        ("kernel_config", record.kernel_config),
         ("controller", record.controller),
+        ("boot_path", record.boot_path),
+        ("initramfs", record.initramfs),
         ("template", record.template),
+        ("initramfs_digest", record.initramfs_digest),
+        ("generator", record.generator),
+        ("layout", record.layout),
+        ("kernel_warnings", "\n".join(record.kernel_warnings)),
         ("load_factor", f"{record.load_factor:g}"),
         ("attempts", str(record.attempts)),
     ]

@@ -39,6 +39,9 @@ class Storage:
     plan: Plan
     images: tuple[DiskImage, ...]
     fstypes: tuple[str, ...]  # file systems the initramfs must be able to mount
+    # How the root sits on the disks, for reports: "" (a file system on the whole disk),
+    # or e.g. "mbr", "gpt", "lvm", "raid1", "luks" ("+"-joined when stacked).
+    layout: str = ""
 
     @property
     def modules(self) -> tuple[str, ...]:

@@ -3,6 +3,7 @@
 - :mod:`~harness.vm.machine`: one QEMU process (``MachineSpec`` -> argv; launch; certain end).
 - :mod:`~harness.vm.console` and :mod:`~harness.vm.qmp`: the serial console (pexpect) and QMP.
 - :mod:`~harness.vm.faults`: kernel faults from console text, a table kept as data.
+- :mod:`~harness.vm.patterns`: verdicts of inits without markers (root failures, kernel phases).
 - :mod:`~harness.vm.deadlines`, :mod:`~harness.vm.accel`, :mod:`~harness.vm.loadscale`.
 - :mod:`~harness.vm.boot`: ``Vm`` drives a boot through its phases to one outcome.
 - Guest drivers, written against the :class:`~harness.vm.guest.Guest` protocol:

@@ -35,6 +35,7 @@ from harness.tools import require
 log = logging.getLogger(__name__)
 
 VALID_REQUESTS = ("auto", "kvm", "tcg")
+PROBE_DEADLINE = 5.0  # seconds a KVM probe guest may take before KVM counts as hung
 DEFAULT_QEMU = "qemu-system-x86_64"
 KVM_DEVICE = Path("/dev/kvm")
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -102,7 +103,7 @@ def choose_accelerator(
     requested: str,
     *,
     qemu: str | None = None,
-    deadline: float = 5.0,
+    deadline: float = PROBE_DEADLINE,
     cache_dir: Path | None = None,
     kvm_device: Path = KVM_DEVICE,
 ) -> AccelChoice:

@@ -38,6 +38,8 @@ from harness.storage.attach import Storage
 from harness.vm import exitcode, power
 from harness.vm.console import Console, ConsoleClosed, Mark, marker_regex
 from harness.vm.deadlines import DEFAULT_DEADLINES, Deadlines
+from harness.vm.dimensions import FOREIGN, UNKNOWN, Dimensions, joined, warning_line
+from harness.vm.faults import Severity
 from harness.vm.machine import Machine, MachineSpec
 from harness.vm.patterns import INIT_START_REGEX, ConsoleVerdict
 from harness.vm.qmp import Qmp, QmpEvent
@@ -225,7 +227,26 @@ def vm_for(
         start_plan=start_plan,
         verdict=request.verdict,
         markers=request.prints_markers,
+        dimensions=declared_dimensions(request, booted=spec.initrd),
     )
+
+
+def declared_dimensions(request: BootRequest, *, booted: Path | None = None) -> Dimensions:
+    """What ``request`` says about the boot's dimensions before it runs (the rest, such as the
+    kernel and the disks' controllers, :meth:`Vm.dimensions` reads from the VM itself).
+
+    A feature that changes what boots (a boot path, a prebuilt initramfs) names it here. A
+    prebuilt image is ``foreign``, with the digest of the file as booted (``booted``: with its
+    overlay, when it has one) and the generator its content shows.
+    """
+    if request.initrd is not None:
+        image = booted or request.initrd
+        return Dimensions(
+            initramfs=FOREIGN,
+            initramfs_digest=foreign.image_digest(image)[:12],
+            generator=foreign.generator_of(request.initrd),
+        )
+    return Dimensions(template=request.initramfs.template.removesuffix(".j2"))
 
 
 def machine_spec(
@@ -268,24 +289,33 @@ class BootResult:
 
     def render(self) -> str:
         """A boot report a person reads at a glance."""
-        lines = [
-            f"kernel:   {self.kernel} ({self.release})",
-            f"qemu:     {self.qemu_version}, accel {self.accel}",
-            "phases:",
-        ]
-        lines += [
-            f"  {m.at:8.3f} s  {m.name}{'  ' + m.detail if m.detail else ''}" for m in self.marks
-        ]
-        lines.append(
-            f"outcome:  {self.outcome.name}" + (f": {self.message}" if self.message else "")
-        )
+        lines = [*self.header_lines(), *(mark_line(m) for m in self.marks), *self.end_lines()]
+        return "\n".join(lines)
+
+    def header_lines(self) -> list[str]:
+        """What booted, known before the boot starts; ends with the ``phases:`` heading."""
+        return header_lines(self.kernel, self.release, self.qemu_version, self.accel)
+
+    def end_lines(self) -> list[str]:
+        """The outcome, the console log and, for a failure, its evidence."""
+        lines = [f"outcome:  {self.outcome.name}" + (f": {self.message}" if self.message else "")]
         if self.log_path is not None:
             lines.append(f"console:  {self.log_path}")
         if self.error is not None and self.outcome is not Outcome.PASS:
             details = self.error.evidence.render()
             if details:
                 lines.append(details)
-        return "\n".join(lines)
+        return lines
+
+
+def header_lines(kernel: str, release: str, qemu: str, accel: str) -> list[str]:
+    """The head of a boot report (see :meth:`BootResult.render`)."""
+    return [f"kernel:   {kernel} ({release})", f"qemu:     {qemu}, accel {accel}", "phases:"]
+
+
+def mark_line(mark: Mark) -> str:
+    """One point of progress as a boot report lists it: seconds, name, detail."""
+    return f"  {mark.at:8.3f} s  {mark.name}{'  ' + mark.detail if mark.detail else ''}"
 
 
 class StartPlan(Protocol):
@@ -313,6 +343,7 @@ class Vm:
         start_plan: StartPlan | None = None,
         verdict: ConsoleVerdict | None = None,
         markers: bool = True,
+        dimensions: Dimensions = UNKNOWN,
     ) -> None:
         self.spec = spec
         self.kernel = kernel  # what it boots, for reports (None for a hand-made spec)
@@ -327,15 +358,17 @@ class Vm:
         self.verdict = verdict or ConsoleVerdict()
         self.machine = self._new_machine(spec, workdir, nonce, expected_boots)
         self.start_plan = start_plan
+        self.declared = dimensions  # what its maker said it boots (see dimensions())
         self._guest_shell: GuestShell | None = None
 
     def use_machine(
         self, spec: MachineSpec, workdir: Path, *, nonce: str, expected_boots: int
     ) -> Machine:
-        """Put another machine in place before launch (for a :class:`StartPlan`): a restored
-        snapshot's, or the cold boot it falls back to. The nonce goes with the machine."""
-        if self.machine.launched:
-            raise RuntimeError("use_machine: the VM's QEMU was launched already")
+        """Put another machine in place (for a :class:`StartPlan`): a restored snapshot's, or
+        the cold boot it falls back to, also after a restore that failed and was stopped.
+        The nonce goes with the machine."""
+        if self.machine.launched and self.machine.poll() is None:
+            raise RuntimeError("use_machine: the VM's QEMU is running; stop it first")
         self.spec, self.nonce = spec, nonce
         self.machine = self._new_machine(spec, workdir, nonce, expected_boots)
         return self.machine
@@ -352,6 +385,34 @@ class Vm:
             kernel_phases=not self.markers,
         )
 
+    def dimensions(self) -> Dimensions:
+        """What this VM boots, for reports: the declared dimensions (boot path, initramfs)
+        with what the VM itself knows: its kernel, its disks' controllers and layout, and the
+        kernel warnings its console has shown so far."""
+        found = self.declared
+        if self.kernel is not None:
+            found = replace(
+                found,
+                kernel=self.kernel.name,
+                release=self.kernel.release,
+                kernel_commit=self.kernel.commit or found.kernel_commit,
+                kernel_config=self.kernel.config_digest or found.kernel_config,
+            )
+        if self.storage is not None:
+            found = replace(
+                found,
+                controller=joined(c.name for c in self.storage.plan.controllers),
+                layout=self.storage.layout or found.layout,
+            )
+        return replace(found, kernel_warnings=self.kernel_warnings())
+
+    def kernel_warnings(self) -> tuple[str, ...]:
+        """Each kernel WARNING the console has shown, as one line without its time stamp."""
+        if not self.machine.launched:
+            return ()
+        faults = self.machine.console.recorder.scanner.faults
+        return tuple(warning_line(f.line) for f in faults if f.severity is Severity.WARNING)
+
     @property
     def console(self) -> Console:
         return self.machine.console
@@ -366,6 +427,12 @@ class Vm:
         if not self.machine.launched:
             return started
         return started + self.machine.console.recorder.marks
+
+    def elapsed(self) -> float | None:
+        """Seconds since this VM's QEMU started (the clock of its marks); None before."""
+        if not self.machine.launched:
+            return None
+        return time.monotonic() - self.machine.started
 
     def start(self) -> None:
         """Launch QEMU and let the guest run; wait for the kernel to start /init (or, with

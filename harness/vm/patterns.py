@@ -9,7 +9,7 @@ knows nothing of the harness's nonce. Its boot is judged by what it prints:
   is a TEST_FAIL whose reason is that console line (a kernel fault seen at the same time
   still wins, as everywhere);
 * progress: :data:`KERNEL_PHASES`, marks taken from the kernel's own messages ("Run /init as
-  init process"), so reports still have phases.
+  init process", and initramfs-tools' wait for its root), so reports still have phases.
 
 A real system goes on past its root: :data:`SYSTEMD_FAILURES` are systemd's own status lines
 for a unit that failed, a dependency that failed, a device that never came and emergency mode,
@@ -176,6 +176,8 @@ KERNEL_PHASES: tuple[PhasePattern, ...] = (
     PhasePattern("initrd-unpacked", r"Freeing initrd memory: (\S+)"),
     PhasePattern("RAMDISK", r"RAMDISK: (.+ found at block \d+)"),
     PhasePattern(INIT_START, r"Run (\S+) as init process"),
+    # initramfs-tools begins its wait for a root that is not there yet (max(30, rootdelay) s).
+    PhasePattern("root-wait", r"Begin: Waiting for (root file system)"),
     PhasePattern(
         "root-mounted",
         r"(?:EXT4-fs \((\S+)\): mounted filesystem|VFS: Mounted root \(.*\) \w+ on device (\S+))",
