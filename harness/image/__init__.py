@@ -6,6 +6,8 @@
 - :mod:`~harness.image.rootfs`: a minimal busybox root to ``switch_root`` into.
 - :mod:`~harness.image.foreign`: any image's segments, losslessly; extract, repack, overlay.
 - :mod:`~harness.image.mkinitramfs`: Debian's own initramfs-tools images for a cached kernel.
+- :mod:`~harness.image.distro`: Debian roots (mmdebstrap) and the initramfs their own
+  initramfs-tools or dracut make inside them for a cached kernel; cached.
 
 May import the foundation and :mod:`harness.kernel`.
 """

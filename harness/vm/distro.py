@@ -16,18 +16,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from harness.image import distro
 from harness.image.distro import DistroInitramfs, DistroRoot, GeneratorConfig, RootSpec
+from harness.image.initramfs import InitramfsSpec
 from harness.kernel.provision import Kernel
 from harness.outcome import ConfigError
-from harness.storage import layouts
+from harness.storage import attach, layouts
 from harness.storage.controllers import Disk
 from harness.storage.layouts import KEYFILE_PATH, Layout, LayoutSpec, RootImage
 from harness.vm import builder
+from harness.vm.boot import BootRequest
 from harness.vm.deadlines import Deadlines
+from harness.vm.login import SUCCESS_PATTERNS
+from harness.vm.patterns import ConsoleVerdict
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +102,38 @@ class DistroSystem:
         """The kernel command line: the generator's root arguments for the layout, plus
         :data:`CMDLINE`."""
         return f"{self.layout.cmdline(self.generator, keyfile=keyfile)} {CMDLINE}"
+
+    def boot_request(
+        self,
+        controllers: Sequence[str] = DEFAULT_CONTROLLERS,
+        *,
+        keyfile: bool = False,
+        cmdline: str = "",
+        accel: str = "tcg",
+        deadlines: Deadlines = DEADLINES,
+        expect: Sequence[str] = SUCCESS_PATTERNS,
+        fail: Sequence[str] = (),
+    ) -> BootRequest:
+        """A boot of this system outside pytest (the ``distro_boot`` fixture does the same
+        through ``boot``): its disks on ``controllers``, the login prompt as success.
+
+        Raises:
+            ConfigError: no controller, or ``keyfile`` for a layout without one.
+        """
+        storage = replace(attach.plan(self.disks(controllers)), layout=self.layout_dimension)
+        return BootRequest(
+            kernel=self.kernel,
+            initramfs=InitramfsSpec(),
+            accel=accel,
+            deadlines=deadlines,
+            cmdline=f"{self.cmdline(keyfile=keyfile)} {cmdline}".strip(),
+            storage=storage,
+            machine_options={"memory_mb": MEMORY_MB},
+            initrd=self.initramfs.path,
+            overlay=self.keyfile_overlay() if keyfile else {},
+            verdict=ConsoleVerdict(tuple(expect), tuple(fail)),
+            markers=False,
+        )
 
     def keyfile_overlay(self) -> dict[str, bytes]:
         """The files to append to the initramfs for a key-file unlock (see
