@@ -42,10 +42,12 @@ MEMORY_MB = 1024
 # Added to every distro boot's command line:
 # - no_timer_check: on a loaded host the kernel's IO-APIC timer check can fail and panic
 #   ("IO-APIC + timer doesn't work!") although the timer works;
-# - COLUMNS=200 reaches PID 1's environment (the kernel passes unknown name=value words on),
-#   so systemd does not cut unit names in its status lines to 80 columns: a failed unit is
-#   named in full in the verdict.
-CMDLINE = "no_timer_check COLUMNS=200"
+# - systemd (PID 1) logs its warnings and errors to the kernel log, hence to the console, for
+#   the whole boot (by default only until journald starts): its status lines cut unit names to
+#   80 columns ("[FAILED] Failed to start systemd-cr…"), its log lines name them in full
+#   ("systemd[1]: Failed to start systemd-cryptsetup@luks\x2d....service - ..."), and
+#   printk.devkmsg=on keeps the kernel from rate-limiting them.
+CMDLINE = "no_timer_check systemd.log_target=kmsg systemd.log_level=warning printk.devkmsg=on"
 DEFAULT_CONTROLLERS = ("ahci",)
 
 

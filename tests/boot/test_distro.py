@@ -98,7 +98,7 @@ def test_missing_fstab_device_is_a_failure_naming_the_unit(
     assert failure.value.outcome is Outcome.TEST_FAIL
     message = failure.value.message
     assert message.startswith("systemd "), message
-    # The device unit, named in full (COLUMNS=200 keeps systemd from cutting it).
+    # The device unit, named in full (PID 1's log line, not its status line cut at 80 columns).
     assert "dev-disk-by\\x2dlabel-missing.device" in message, message
 
 
