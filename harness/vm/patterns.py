@@ -167,7 +167,8 @@ SYSTEMD_FAILURES: tuple[FailurePattern, ...] = (
 SHIPPED_FAILURES = ROOT_FAILURES + SYSTEMD_FAILURES
 
 # ANSI escape sequences (colours, cursor moves) as systemd writes them on the console.
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1bM")
+# systemd cuts long status lines with "…", sometimes inside an escape: "\x1b[0;1;…".
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\[[0-9;?]*(?=…)|\x1b[()][A-Z0-9]|\x1bM")
 
 
 def strip_ansi(text: str) -> str:

@@ -127,6 +127,7 @@ def test_raid1_with_a_member_removed_boots_degraded(
         ("initramfs-tools", "cryptsetup failed, bad password or options"),
         ("dracut", "Failed to start systemd-cryptsetup@luks"),
     ],
+    ids=GENERATORS,
 )
 def test_wrong_luks_passphrase_fails_with_the_generators_message(
     distro_boot: DistroBoot, generator: str, said: str
