@@ -45,6 +45,8 @@ DEBIAN_PACKAGE: dict[str, str] = {
     "xorriso": "xorriso",
     "genisoimage": "genisoimage",
     "ganesha.nfsd": "nfs-ganesha",
+    "mmdebstrap": "mmdebstrap",
+    "chroot": "coreutils",
 }
 
 

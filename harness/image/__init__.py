@@ -8,6 +8,8 @@
 - :mod:`~harness.image.mkinitramfs`: Debian's own initramfs-tools images for a cached kernel.
 - :mod:`~harness.image.bootdisk`: bootable disks without root: GRUB on MBR, EFI partitions,
   ``grub.cfg`` from a Jinja2 template.
+- :mod:`~harness.image.distro`: Debian roots (mmdebstrap) and the initramfs their own
+  initramfs-tools or dracut make inside them for a cached kernel; cached.
 
 May import the foundation and :mod:`harness.kernel`.
 """

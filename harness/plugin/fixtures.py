@@ -6,6 +6,7 @@ selected with ``--kernel``, so test ids read ``test_x[debian-6.1-amd64]``.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
@@ -17,6 +18,7 @@ import pytest
 
 from harness.image import initramfs
 from harness.image.bootdisk import Menu
+from harness.image.distro import GeneratorConfig
 from harness.image.foreign import OverlayFiles
 from harness.image.initramfs import Initramfs, InitramfsSpec
 from harness.image.templates import DEFAULT_TEMPLATE
@@ -25,15 +27,24 @@ from harness.kernel import provision as kernels
 from harness.kernel.catalogue import KernelEntry
 from harness.outcome import ConfigError, HarnessError
 from harness.plugin import kernel_warnings
-from harness.plugin.settings import Settings, matrix_key, passed_key, settings_key, vms_key
+from harness.plugin.settings import (
+    Settings,
+    distro_key,
+    matrix_key,
+    passed_key,
+    settings_key,
+    vms_key,
+)
 from harness.snapshot import restore as snapshots
 from harness.storage import attach as storage
 from harness.storage import bootpaths, controllers
 from harness.storage.bootpaths import BootPath, BootSpec
 from harness.storage.controllers import Disk
-from harness.vm import accel, loadscale
+from harness.storage.layouts import LayoutSpec
+from harness.vm import accel, distro, loadscale
 from harness.vm.boot import BootRequest, Vm, prepare_vm
 from harness.vm.deadlines import Deadlines
+from harness.vm.login import SUCCESS_PATTERNS
 from harness.vm.patterns import ConsoleVerdict
 from harness.vm.shell import GuestShell
 
@@ -79,6 +90,7 @@ class BootVm(Protocol):
         entry: int | str | None = ...,
         select: str = ...,
         boot_files: Mapping[str, Path] | None = ...,
+        layout: str = ...,
         **machine_options: Any,
     ) -> Vm: ...
 
@@ -235,6 +247,8 @@ def boot(
     or title) picks what boots, ``select="keys"`` types the choice at GRUB's menu instead of
     making it the default, and ``boot_files=`` adds files (guest path -> host file). A kernel
     the path cannot boot (uefi-stub without CONFIG_EFI_STUB) skips the test with the reason.
+
+    ``layout`` names how the root sits on the disks, for reports (``gpt+lvm``...).
     """
     settings = _settings(request)
     vms: list[Vm] = []
@@ -266,6 +280,7 @@ def boot(
         entry: int | str | None = None,
         select: str = bootpaths.SELECT_DEFAULT,
         boot_files: Mapping[str, Path] | None = None,
+        layout: str = "",
         **machine_options: Any,
     ) -> Vm:
         vm_dir = bootharness_workdir / f"vm{len(vms)}"
@@ -308,6 +323,8 @@ def boot(
             disk_setup = storage.plan(
                 disks, machine=str(machine_options.get("machine", "pc")), variables=variables
             )
+            if layout:
+                disk_setup = replace(disk_setup, layout=layout)
             lacking = capabilities.lacks_reason(kernel, disk_setup.requirements)
             if lacking is not None:
                 pytest.skip(lacking)
@@ -439,3 +456,99 @@ def guest(boot: BootVm) -> GuestFactory:
         return boot(variables=merged, **boot_options).shell()
 
     return start
+
+
+class DistroBoot(Protocol):
+    def __call__(
+        self,
+        generator: str = ...,
+        layout: str | LayoutSpec = ...,
+        *,
+        controllers: Sequence[str] = ...,
+        files: Mapping[str, bytes] | None = ...,
+        keyfile: bool = ...,
+        cmdline: str = ...,
+        expect: Sequence[str] = ...,
+        fail: Sequence[str] = ...,
+        config: GeneratorConfig | None = ...,
+        members: Sequence[int] | None = ...,
+        start: bool = ...,
+        **boot_options: Any,
+    ) -> Vm: ...
+
+
+@pytest.fixture
+def distro_boot(
+    request: pytest.FixtureRequest,
+    kernel: kernels.Kernel,
+    bootharness_accel: accel.AccelChoice,
+    boot: BootVm,
+) -> DistroBoot:
+    """Boot a real Debian system on the kernel under test (see :mod:`harness.vm.distro`).
+
+    ``distro_boot("dracut", "lvm", controllers=("ahci",))`` builds (or takes from the cache)
+    the root, the generator's initramfs, the root image and the layout, and boots them: the
+    layout's disks on ``controllers`` (RAID1 members one per controller), the command line
+    the generator needs, the login prompt as success and systemd's failure lines as
+    TEST_FAIL. ``vm.login()`` then types the LUKS passphrase when asked and returns a shell
+    (``.run(cmd)`` gives output and exit status). ``keyfile=True`` unlocks LUKS with the
+    layout's key file appended to the image instead. ``files`` go into the root image (an
+    fstab naming a missing device...). ``members`` picks which of the layout's disks are
+    attached (``(0,)``: a RAID1 with its second disk removed). Other options go to ``boot``.
+    Skipped when the
+    harness does not run as root (chroot and mounts build the pieces).
+    """
+    settings = _settings(request)
+
+    def start_vm(
+        generator: str = "initramfs-tools",
+        layout: str | LayoutSpec = "disk",
+        *,
+        controllers: Sequence[str] = distro.DEFAULT_CONTROLLERS,
+        files: Mapping[str, bytes] | None = None,
+        keyfile: bool = False,
+        cmdline: str = "",
+        expect: Sequence[str] = SUCCESS_PATTERNS,
+        fail: Sequence[str] = (),
+        config: GeneratorConfig | None = None,
+        members: Sequence[int] | None = None,
+        start: bool = True,
+        **boot_options: Any,
+    ) -> Vm:
+        if os.geteuid() != 0:
+            pytest.skip("distro boots build roots and images with chroot and mounts: need root")
+        system = distro.prepare(
+            kernel,
+            settings.cache_dir,
+            generator=generator,
+            layout=layout,
+            config=config,
+            files=files,
+            accel=bootharness_accel.name,
+        )
+        request.node.stash[distro_key] = system
+        # Scaled here by the load like the run's own deadlines (boot() leaves a test's own
+        # deadlines as they are).
+        deadlines = boot_options.pop("deadlines", None) or distro.DEADLINES.scaled(
+            _load_factor(request)
+        )
+        boot_options.setdefault("memory_mb", distro.MEMORY_MB)
+        disks = system.disks(controllers)
+        if members is not None:  # a layout with members left out (a degraded RAID1)
+            disks = [disks[i] for i in members]
+        vm = boot(
+            initrd=system.initramfs.path,
+            disks=disks,
+            cmdline=f"{system.cmdline(keyfile=keyfile)} {cmdline}".strip(),
+            expect=expect,
+            fail=fail,
+            overlay=system.keyfile_overlay() if keyfile else None,
+            deadlines=deadlines,
+            layout=system.layout_dimension,
+            start=start,
+            **boot_options,
+        )
+        vm.passphrase = None if keyfile else system.passphrase
+        return vm
+
+    return start_vm

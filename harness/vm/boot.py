@@ -40,7 +40,7 @@ from harness.storage import bootpaths, firmware
 from harness.storage.attach import Storage, with_boot_disk
 from harness.storage.bootpaths import BootSpec
 from harness.storage.controllers import Disk
-from harness.vm import clock, exitcode, loader, power
+from harness.vm import clock, exitcode, loader, login, power
 from harness.vm.console import Console, ConsoleClosed, Mark, marker_regex
 from harness.vm.deadlines import DEFAULT_DEADLINES, Deadlines
 from harness.vm.dimensions import FOREIGN, UNKNOWN, Dimensions, joined
@@ -435,6 +435,8 @@ class Vm:
         self.start_plan = start_plan
         self.declared = dimensions  # what its maker said it boots (see dimensions())
         self._guest_shell: GuestShell | None = None
+        # What to type when an initramfs asks for a LUKS passphrase (a distro boot's layout).
+        self.passphrase: str | None = None
 
     def use_machine(
         self, spec: MachineSpec, workdir: Path, *, nonce: str, expected_boots: int
@@ -744,6 +746,26 @@ class Vm:
         if current is None or options:
             current = GuestShell(self, **options)
             self._guest_shell = current
+        return current
+
+    def login(
+        self,
+        user: str = "root",
+        *,
+        password: str | None = None,
+        passphrase: str | None = None,
+        timeout: float | None = None,
+    ) -> GuestShell:
+        """Log in on a real system's serial getty; the shell (see harness.vm.login.login).
+        ``passphrase`` defaults to :attr:`passphrase`. ``vm.shell()`` returns it afterwards."""
+        current = login.login(
+            self,
+            user=user,
+            password=password,
+            passphrase=self.passphrase if passphrase is None else passphrase,
+            timeout=timeout,
+        )
+        self._guest_shell = current
         return current
 
     @property

@@ -141,10 +141,10 @@ def test_the_test_s_own_patterns_come_first_and_the_table_only_without_markers()
     verdict = ConsoleVerdict(expect=("ok",), fail=("custom failure",))
     rows = verdict.failure_rows(markers=False)
     assert rows[0] == FailurePattern("fail:1", "test", "custom failure")
-    assert rows[1:] == ROOT_FAILURES
+    assert rows[1:] == patterns.SHIPPED_FAILURES
     assert verdict.failure_rows(markers=True) == rows[:1]
     forced = ConsoleVerdict(root_failures=True).failure_rows(markers=True)
-    assert forced == ROOT_FAILURES
+    assert forced == patterns.SHIPPED_FAILURES
     assert ConsoleVerdict(root_failures=False).failure_rows(markers=False) == ()
 
 
