@@ -1,7 +1,9 @@
 """Boot speed: the harness against a hand-written QEMU command line doing the same boot.
 
 Measures, in one run, interleaved so machine load affects all alike (median of N rounds):
-  harness   prepare_vm + Vm.start + expect_pass: QEMU start to the init's success marker
+  harness   Vm.start + expect_pass: from launching QEMU to the init's success marker (the
+            timer starts after prepare_vm, whose initramfs is a cache hit after the warm-up;
+            the by-hand timer likewise starts at Popen, its files made beforehand)
   by hand   qemu-system-x86_64 with the same kernel image, initramfs and command line,
             the serial console on stdout, read until the same marker
   plain     QEMU's plain defaults: the bzImage, default machine devices (no -nodefaults),

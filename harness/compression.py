@@ -63,7 +63,7 @@ LEVELS: dict[str, tuple[int, int, int]] = {
 }
 
 # When a kernel lacks the requested method, suggest the one it unpacks fastest
-# (measured under TCG, see DESIGN.md): lz4, then gzip and zstd, then xz.
+# (measured under TCG): lz4, then gzip and zstd, then xz.
 _PREFERENCE = ("lz4", "gzip", "zstd", "xz")
 
 # Longer than the kernel's two-byte magics (lib/decompress.c) so that random data is less

@@ -34,7 +34,17 @@ DEBIAN_PACKAGE: dict[str, str] = {
     "gzip": "gzip",
     "sh": "dash",
     "sfdisk": "fdisk",
+    "grub-mkimage": "grub-common",
+    "mkfs.fat": "dosfstools",
+    "mmd": "mtools",
+    "mcopy": "mtools",
     "git": "git",
+    "mkinitramfs": "initramfs-tools-core",
+    "unshare": "util-linux",
+    "dpkg-query": "dpkg",
+    "xorriso": "xorriso",
+    "genisoimage": "genisoimage",
+    "ganesha.nfsd": "nfs-ganesha",
 }
 
 

@@ -4,7 +4,7 @@ The algorithm is pure: it knows candidates only by name and asks an *oracle* for
 each. It first verifies both ends (the good end must be good, the bad end bad), then halves the
 range between the last good and the first bad candidate: about ``log2(n)`` more verdicts.
 
-Outcomes map to verdicts as in DESIGN.md (:attr:`Outcome.bisect_code`): PASS is good;
+Outcomes map to verdicts as in docs/architecture.md (:attr:`Outcome.bisect_code`): PASS is good;
 TEST_FAIL, KERNEL_FAULT and BOOT_TIMEOUT are bad; INFRA_ERROR means the candidate could not
 be judged, so it is *skipped* (never called bad) and a neighbour is probed instead, like
 ``git bisect skip``; CONFIG_ERROR aborts the bisection. When skipped candidates sit between
@@ -174,7 +174,7 @@ def bisect(
     ``oracle(candidate)`` returns an :class:`Observation`, or raises a
     :class:`~harness.outcome.HarnessError`, which counts as that error's outcome. Any other
     exception is a harness bug and propagates. An INFRA_ERROR at an end is retried up to
-    ``end_retries`` times (DESIGN.md: only INFRA_ERROR may be retried); an end can't be skipped.
+    ``end_retries`` times (only INFRA_ERROR may be retried); an end can't be skipped.
     ``on_step`` sees each step as soon as it is taken (for a live log).
 
     Raises:

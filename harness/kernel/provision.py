@@ -1,5 +1,8 @@
 """Provision kernels into the cache and describe a provisioned kernel.
 
+A kernel built from source is built (or found) by :mod:`harness.kernel.source`, so every
+caller of :func:`provision` (boot, the fixtures, the matrix, bisect) builds on demand.
+
 A Debian kernel package is downloaded and unpacked by :mod:`harness.kernel.debian` (no
 install, no maintainer scripts). Everything happens in a scratch folder that is renamed into
 place at the end (see :func:`harness.cache.build_once`), so an interrupted download never
@@ -12,16 +15,19 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import shlex
 import shutil
 import struct
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness import cache, manifest, tools
-from harness.kernel import bzimage, debian
-from harness.kernel.catalogue import DebianPackage, KernelEntry, LocalFiles
-from harness.outcome import ConfigError
+from harness.kernel import bzimage, debian, source
+from harness.kernel.catalogue import DebianPackage, KernelEntry, LocalFiles, SourceTree
+from harness.outcome import ConfigError, InfraError
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +43,11 @@ class Kernel:
     config_path: Path | None
     system_map: Path | None
     cmdline: str = ""
-    version: str = ""  # the Debian package version, when there is one
+    version: str = ""  # the Debian package version, or a source build's key
     cache_dir: Path | None = None  # where derived files (vmlinux) may be cached
+    commit: str = ""  # source kernels from git: 12 hex digits, "+dirty-<8 hex>" with changes
+    config_digest: str = ""  # source kernels: digest of the .config built, 12 hex digits
+    debug_vmlinux: Path | None = None  # the build's own vmlinux: symbols, maybe debug info
 
     @functools.cached_property
     def config(self) -> dict[str, str]:
@@ -157,14 +166,80 @@ def provision(entry: KernelEntry, cache_root: Path, *, progress: bool | None = N
         progress = sys.stderr.isatty()
     if isinstance(entry.source, DebianPackage):
         return _provision_package(entry, entry.source, cache_root, progress)
+    if isinstance(entry.source, SourceTree):
+        return build_source(entry, cache_root, progress=progress)
     return _describe_local(entry, entry.source, cache_root)
 
 
 def is_provisioned(entry: KernelEntry, cache_root: Path) -> bool:
-    """True when ``entry`` can boot without a download."""
+    """True when ``entry`` can boot without a download or a build."""
     if isinstance(entry.source, DebianPackage):
         return (_package_dir(entry.source, cache_root) / debian.METADATA).exists()
+    if isinstance(entry.source, SourceTree):
+        # Only look: no unpacking, no download of a base kernel, no build.
+        base = entry.source.base_kernel
+        if base is not None and not is_provisioned(base, cache_root):
+            return False
+        package = entry.source.package
+        if package and source.unpacked_package(package, cache_root) is None:
+            return False
+        try:
+            return source.cached(source_plan(entry, cache_root, progress=False)) is not None
+        except (ConfigError, InfraError):
+            return False
     return entry.source.vmlinuz.exists()
+
+
+def source_plan(entry: KernelEntry, cache_root: Path, *, progress: bool) -> source.Plan:
+    """The build plan of a source kernel (its base kernel provisioned first, if it has one).
+
+    Raises:
+        ConfigError, InfraError: see :func:`harness.kernel.source.plan`.
+    """
+    if not isinstance(entry.source, SourceTree):
+        raise ConfigError(f"kernel {entry.name!r} is not built from source")
+    base_config = None
+    if entry.source.base_kernel is not None:
+        base_config = provision(entry.source.base_kernel, cache_root, progress=progress).config_path
+    return source.plan(entry.source, cache_root, base_config=base_config, progress=progress)
+
+
+def build_source(
+    entry: KernelEntry, cache_root: Path, *, progress: bool | None = None, force: bool = False
+) -> Kernel:
+    """Build a source kernel (or take it from the cache) and describe it.
+
+    Raises:
+        BuildError: the kernel did not build (INFRA_ERROR; the first error and the log).
+        ConfigError: the tree or config is unusable, or a requested option did not survive.
+    """
+    if progress is None:
+        progress = sys.stderr.isatty()
+    built = source.build(
+        entry.name,
+        source_plan(entry, cache_root, progress=progress),
+        progress=progress,
+        force=force,
+    )
+    return kernel_of_build(entry, built)
+
+
+def kernel_of_build(entry: KernelEntry, built: source.Built) -> Kernel:
+    """The :class:`Kernel` of a source build."""
+    return Kernel(
+        name=entry.name,
+        release=built.release,
+        vmlinuz=built.bzimage,
+        modules_dir=built.modules_dir,
+        config_path=built.config,
+        system_map=built.system_map,
+        cmdline=entry.cmdline,
+        version=f"build-{built.key[:16]}",
+        cache_dir=built.folder,
+        commit=built.commit,
+        config_digest=built.config_digest,
+        debug_vmlinux=built.vmlinux,
+    )
 
 
 def _package_dir(source: DebianPackage, cache_root: Path) -> Path:
@@ -185,17 +260,69 @@ def _provision_package(
     meta = debian.read_metadata(target)
     root = target / "root"
     release = meta["release"]
+    system_map = _optional(root / "boot" / f"System.map-{release}")
+    debug_vmlinux = None
+    if source.debug_symbols:
+        system_map, debug_vmlinux = _debug_symbols(
+            source.package, meta.get("version", ""), release, cache_root, progress
+        )
     return Kernel(
         name=entry.name,
         release=release,
         vmlinuz=root / meta["vmlinuz"],
         modules_dir=root / "lib" / "modules" / release,
         config_path=_optional(root / "boot" / f"config-{release}"),
-        system_map=_optional(root / "boot" / f"System.map-{release}"),
+        system_map=system_map,
         cmdline=entry.cmdline,
         version=meta.get("version", ""),
         cache_dir=target,
+        debug_vmlinux=debug_vmlinux,
     )
+
+
+def debug_package_of(package: str) -> str:
+    """The ``-dbg`` package of a Debian kernel image package (signed or unsigned)."""
+    return package.removesuffix("-unsigned") + "-dbg"
+
+
+def _debug_symbols(
+    package: str, version: str, release: str, cache_root: Path, progress: bool
+) -> tuple[Path, Path]:
+    """The real System.map and the vmlinux with debug info of a Debian kernel, from its
+    ``-dbg`` package (Debian's own System.map is a placeholder), fetched once into the cache.
+    Only those two files are kept: the package's module debug files are gigabytes."""
+    debug = debug_package_of(package)
+    target = cache_root / "kernels" / "debian" / f"{debug}_{version}"
+
+    def build(partial: Path) -> None:
+        download = partial / "download"
+        download.mkdir(parents=True)
+        if progress:
+            print(f"bootharness: downloading {debug} (large) ...", file=sys.stderr, flush=True)
+        wanted = f"{debug}={version}" if version else debug
+        _run(
+            [tools.require("apt-get"), "download", wanted],
+            cwd=download,
+            what=f"download {wanted}",
+            show=progress,
+            hint="debug_symbols needs the -dbg package of the same version",
+        )
+        debs = sorted(download.glob("*.deb"))
+        if len(debs) != 1:
+            raise InfraError(f"apt-get download {wanted} produced {len(debs)} .deb files")
+        members = [f"./usr/lib/debug/boot/{name}-{release}" for name in ("System.map", "vmlinux")]
+        command = (
+            f"{tools.require('dpkg-deb')} --fsys-tarfile {shlex.quote(str(debs[0]))} | "
+            f"tar -x -C {shlex.quote(str(partial))} " + " ".join(shlex.quote(m) for m in members)
+        )
+        _run(["sh", "-c", command], what=f"unpack {debs[0].name}")
+        for member, name in zip(members, ("System.map", "vmlinux"), strict=True):
+            os.replace(partial / member, partial / name)
+        shutil.rmtree(partial / "usr")
+        shutil.rmtree(download)
+
+    cache.build_once(target, build)
+    return target / "System.map", target / "vmlinux"
 
 
 def _check_unpacked(folder: Path) -> None:
@@ -252,3 +379,26 @@ def _depmod_copy(modules_dir: Path, release: str, derived: Path) -> Path:
 
 def _optional(path: Path) -> Path | None:
     return path if path.exists() else None
+
+
+def _run(
+    argv: list[str], *, what: str, cwd: Path | None = None, show: bool = False, hint: str = ""
+) -> str:
+    log.debug("running %s", argv)
+    result = subprocess.run(
+        argv,
+        cwd=cwd,
+        stdout=None if show else subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        message = f"could not {what}: {' '.join(argv)} exited {result.returncode}"
+        if hint:
+            message += f"; {hint}"
+        stderr = (result.stderr or "").strip()
+        # apt's own words for a name it does not know: the entry is wrong, not the network.
+        error = ConfigError if "Unable to locate package" in stderr else InfraError
+        raise error(message + "\n" + stderr)
+    return result.stdout or ""

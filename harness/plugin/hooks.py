@@ -18,7 +18,7 @@ from harness import __version__, lifeline, upkeep
 from harness.kernel.catalogue import Catalogue, find_catalogue, load_catalogue
 from harness.outcome import ConfigError, HarnessError, InfraError
 from harness.plugin import collector as collector_module
-from harness.plugin import fixtures, junitfile, matrix, recorder
+from harness.plugin import fixtures, junitfile, kernel_warnings, matrix, recorder, servers
 from harness.plugin.settings import (
     catalogue_key,
     matrix_key,
@@ -84,6 +84,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     parser.addini("bootharness_snapshots", "snapshots: off, auto, shared-ram or stream", default="")
     group.addoption(
+        "--initrd",
+        metavar="FILE",
+        help="a prebuilt initrd for tests that take the `initrd` fixture (bisect over images)",
+    )
+    parser.addini("bootharness_initrd", "the prebuilt initrd of the `initrd` fixture", default="")
+    group.addoption(
         "--qemu-sandbox",
         choices=SANDBOX_CHOICES,
         help="QEMU's seccomp sandbox (default on; off: QEMU also keeps our user)",
@@ -107,6 +113,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "bootharness_cache_prune", "prune the cache at the end of a run", type="bool", default=True
     )
     matrix.add_options(group, parser)  # controllers, templates, retries, reports
+    kernel_warnings.add_options(group, parser)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -131,6 +138,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "cold_boot: always boot this test's VMs cold, even with --snapshots"
     )
+    kernel_warnings.configure(config)
     settings = read_settings(config)
     config.stash[settings_key] = settings
     if hasattr(config, "workerinput"):
@@ -138,6 +146,8 @@ def pytest_configure(config: pytest.Config) -> None:
         # (a cancelled CI job, SIGKILL) stop this worker's VMs at once and exit.
         lifeline.watch_parent()
     config.pluginmanager.register(fixtures, "bootharness-fixtures")
+    config.pluginmanager.register(servers, "bootharness-servers")
+    config.pluginmanager.register(kernel_warnings.KernelWarnings(), "bootharness-kernel-warnings")
     _register_matrix_parts(config)
     if settings.kernels_file or settings.kernel_selectors:
         # Asked for explicitly: a bad file or selector is a usage error before collection.
@@ -231,7 +241,7 @@ def pytest_runtest_makereport(
         # The evidence says more than a traceback through pexpect and asyncio internals.
         report.longrepr = f"{error.outcome.name}: {error}"
         report.sections.append(("bootharness outcome", f"{error.outcome.name}: {error.message}"))
-        # DESIGN.md: an INFRA_ERROR is a pytest error, not a failure: the guest was never judged.
+        # An INFRA_ERROR is a pytest error, not a failure: the guest was never judged.
         if isinstance(error, InfraError) and report.when == "call":
             report.when = "setup"
     if report.failed and vms:
@@ -268,6 +278,11 @@ def _register_matrix_parts(config: pytest.Config) -> None:
         "markers", "controllers(*names): run this test only on these disk controllers"
     )
     config.addinivalue_line("markers", "templates(*names): run this test only with these templates")
+    config.addinivalue_line(
+        "markers",
+        "boot_paths(*names, widen=False): run this test only on these boot paths (all: every "
+        "one); widen=True: without --boot-path, on all of them, not just the default",
+    )
     config.pluginmanager.register(matrix.MatrixPlugin(settings), "bootharness-matrix")
     config.pluginmanager.register(recorder.Recorder(settings), "bootharness-recorder")
     wants_files = settings.json_path is not None or settings.html_path is not None
@@ -284,5 +299,7 @@ def _register_matrix_parts(config: pytest.Config) -> None:
                 config.issue_config_time_warning(warning.message, stacklevel=2)  # type: ignore[arg-type]
         except ConfigError as error:
             raise pytest.UsageError(f"--bootharness-history: {error}") from error
-        collector = collector_module.ResultsCollector(settings.json_path, settings.html_path, runs)
+        collector = collector_module.ResultsCollector(
+            settings.json_path, settings.html_path, runs, columns=settings.columns
+        )
         config.pluginmanager.register(collector, "bootharness-results")

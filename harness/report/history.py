@@ -11,8 +11,11 @@ it, says nothing and is passed over) and tells:
 * a passing test: ``FIXED`` when it failed the last time it ran, otherwise ``PASSING``;
 * ``UNKNOWN`` when no earlier run has a verdict on it.
 
-Tests are matched by node id, which holds the kernel, controller and template of the cell.
-Pure functions, apart from :func:`load_runs`, which reads the files.
+Tests are matched by node id first. A test whose node id changed (a new matrix dimension,
+such as a boot path, now appears in the ids) is matched by its
+:meth:`~harness.report.model.TestRecord.history_key`: the test function, the kernel, the
+dimensions of its boot and the rest of its parameter id. Pure functions, apart from
+:func:`load_runs`, which reads the files.
 """
 
 from __future__ import annotations
@@ -106,17 +109,34 @@ def compare(tonight: Results, history: Sequence[Run]) -> dict[str, Streak]:
         if _identity(run.results) != _identity(tonight)
         and not (now and (when := _when(run.results.created)) and when > now)
     ]
-    outcomes = [({r.nodeid: r for r in run.results.records}, run.label) for run in earlier]
+    indexes = [(_Index(run.results.records), run.label) for run in earlier]
     streaks: dict[str, Streak] = {}
     for record in tonight.records:
         # Newest first: the runs that have a verdict on this test.
         seen = [
             (found, label)
-            for by_id, label in reversed(outcomes)
-            if (found := by_id.get(record.nodeid)) is not None and verdict(found) is not None
+            for index, label in reversed(indexes)
+            if (found := index.find(record)) is not None and verdict(found) is not None
         ]
         streaks[record.nodeid] = streak(record, seen)
     return streaks
+
+
+class _Index:
+    """One earlier run's records by node id and by history key (a key two of its records
+    share finds neither: a guess is worse than no history)."""
+
+    def __init__(self, records: Iterable[TestRecord]) -> None:
+        self.by_id: dict[str, TestRecord] = {}
+        self.by_key: dict[tuple[str, ...], TestRecord | None] = {}
+        for record in records:
+            self.by_id[record.nodeid] = record
+            key = record.history_key()
+            self.by_key[key] = None if key in self.by_key else record
+
+    def find(self, record: TestRecord) -> TestRecord | None:
+        found = self.by_id.get(record.nodeid)
+        return found if found is not None else self.by_key.get(record.history_key())
 
 
 def streak(record: TestRecord, seen: Sequence[tuple[TestRecord, str]]) -> Streak:

@@ -173,6 +173,7 @@ def make_plan(
             "point, so tests cannot share a snapshot; move them after it. This test boots cold"
         )
     base = machine_spec(kernel, image, nonce="", accel=accel, cmdline=cmdline, **machine_options)
+    assert base.kernel is not None  # machine_spec always loads the kernel through QEMU
     key_parts = {
         "format": FORMAT,
         "qemu": qemu_identity(base.qemu),

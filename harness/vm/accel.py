@@ -36,6 +36,7 @@ from harness.tools import require
 log = logging.getLogger(__name__)
 
 VALID_REQUESTS = ("auto", "kvm", "tcg")
+PROBE_DEADLINE = 5.0  # seconds a KVM probe guest may take before KVM counts as hung
 DEFAULT_QEMU = "qemu-system-x86_64"
 KVM_DEVICE = Path("/dev/kvm")
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -103,7 +104,7 @@ def choose_accelerator(
     requested: str,
     *,
     qemu: str | None = None,
-    deadline: float = 5.0,
+    deadline: float = PROBE_DEADLINE,
     cache_dir: Path | None = None,
     kvm_device: Path = KVM_DEVICE,
 ) -> AccelChoice:
@@ -157,7 +158,8 @@ def choose_accelerator(
             ),
         )
     reason = f"{probe.reason}; using TCG"
-    log.warning("%s is present but KVM does not work: %s", kvm_device, reason)
+    # Said once, by the warning (pytest lists it; the CLI prints it as its own line).
+    log.info("%s is present but KVM does not work: %s", kvm_device, reason)
     warnings.warn(reason, KvmFallbackWarning, stacklevel=2)
     return AccelChoice("tcg", requested, reason)
 

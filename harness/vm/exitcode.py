@@ -7,7 +7,7 @@ The default init does it with ``guest_exit CODE`` (usable in ``commands``) or
 :meth:`harness.vm.shell.GuestShell.send_final` and :func:`guest_exit_line`. Both print the
 nonce marker ``EXIT-CODE n`` first, then write the byte to ``/dev/port`` with busybox ``dd``.
 
-QEMU's exit status alone is never a verdict (DESIGN.md): it means a guest code only when the
+QEMU's exit status alone is never a verdict: it means a guest code only when the
 harness configured the device, and even then status 1 is both "guest code 0" and QEMU's own
 error exit. So :func:`verdict` calls a run PASS only when the guest's nonce marker announced
 code 0 *and* QEMU's status agrees; a non-zero code fails the test (TEST_FAIL) whether or not

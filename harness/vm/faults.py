@@ -78,14 +78,18 @@ PATTERNS: tuple[FaultPattern, ...] = (
     FaultPattern(
         "hard-lockup", Severity.ERROR, r"(?:NMI )?watchdog: Watchdog detected hard LOCKUP"
     ),
+    # Warnings: the kernel goes on after them; the warnings policy decides what they do
+    # (harness.vm.kernel_warnings). Stalls and hung tasks are warnings: under heavy host load
+    # a guest can stall without any kernel bug, and the policy can still fail on them.
     FaultPattern(
         "rcu-stall",
-        Severity.ERROR,
+        Severity.WARNING,
         r"(?:rcu: )?INFO: rcu_\w+ (?:self-)?detected (?:expedited )?stalls?\b",
     ),
     FaultPattern(
-        "hung-task", Severity.ERROR, r"INFO: task .+:\d+ blocked for more than \d+ seconds"
+        "hung-task", Severity.WARNING, r"INFO: task .+:\d+ blocked for more than \d+ seconds"
     ),
+    FaultPattern("might-sleep", Severity.WARNING, r"BUG: sleeping function called from invalid"),
     FaultPattern("bug", Severity.ERROR, r"BUG: "),
     FaultPattern("kernel-bug", Severity.ERROR, r"kernel BUG at "),
     # Since 6.10 x86 prefixes its die messages with "Oops: ".
@@ -97,6 +101,12 @@ PATTERNS: tuple[FaultPattern, ...] = (
         "oops",
         Severity.ERROR,
         r"(?:Internal error: )?Oops\b|[a-z][a-z ]*: [0-9a-f]{4} \[#\d+\]",
+    ),
+    FaultPattern(
+        "lockdep",
+        Severity.WARNING,
+        r"WARNING: (?:possible (?:circular|recursive) locking|inconsistent lock state|"
+        r"suspicious RCU usage|bad unlock balance|lock held when returning|possible irq lock)",
     ),
     FaultPattern("warning", Severity.WARNING, r"WARNING: "),
 )

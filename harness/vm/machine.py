@@ -21,18 +21,21 @@ import atexit
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness import lifeline, tools
 from harness.outcome import Evidence, InfraError
 from harness.vm.console import Console, ConsoleRecorder
+from harness.vm.kernel_warnings import WarningPolicy
+from harness.vm.patterns import FailurePattern, LineWatcher
 from harness.vm.qmp import Qmp, QmpError
 from harness.vm.sandbox import DEFAULT as DEFAULT_SANDBOX
 from harness.vm.sandbox import Sandbox, describe_exit
@@ -50,7 +53,7 @@ KILL_GRACE = 5.0
 class MachineSpec:
     """What to boot and on which virtual hardware. Pure data; :meth:`argv` renders it."""
 
-    kernel: Path
+    kernel: Path | None  # None: the firmware boots from a disk (harness.storage.bootpaths)
     initrd: Path | None = None
     cmdline: str = ""
     accel: str = "tcg"
@@ -104,11 +107,12 @@ class MachineSpec:
             argv += ["-nic", "user,model=virtio-net-pci"]
         elif not self.nodefaults:
             argv += ["-nic", "none"]
-        argv += ["-kernel", str(self.kernel)]
-        if self.initrd is not None:
-            argv += ["-initrd", str(self.initrd)]
-        if self.cmdline:
-            argv += ["-append", self.cmdline]
+        if self.kernel is not None:
+            argv += ["-kernel", str(self.kernel)]
+            if self.initrd is not None:
+                argv += ["-initrd", str(self.initrd)]
+            if self.cmdline:
+                argv += ["-append", self.cmdline]
         for device in self.devices:
             argv += ["-device", device]
         argv += list(self.extra_args)
@@ -116,6 +120,9 @@ class MachineSpec:
 
 
 _LIVE: weakref.WeakSet[Machine] = weakref.WeakSet()
+
+
+DEFAULT_POLICY = WarningPolicy()
 
 
 @atexit.register
@@ -137,12 +144,24 @@ class Machine:
         *,
         nonce: str,
         expected_boots: int = 1,
+        failure_rows: Sequence[FailurePattern] = (),
+        kernel_phases: bool = False,
+        watches: tuple[tuple[str, re.Pattern[str]], ...] = (),
+        warnings: WarningPolicy = DEFAULT_POLICY,
+        symbolise: Callable[[str, int], str] = lambda text, offset: "",
         stalls: StallLimits | None = None,
     ):
         self.spec = spec
         self.workdir = workdir
         self.nonce = nonce
         self.expected_boots = expected_boots
+        # Console verdicts for inits without markers (harness.vm.patterns): the failure rows
+        # to watch for, and whether the kernel's own messages mark the phases.
+        self.failure_rows = tuple(failure_rows)
+        self.kernel_phases = kernel_phases
+        self.watches = watches  # console patterns of the firmware and loader to mark
+        self.warnings = warnings  # what kernel warnings do to the boot
+        self.symbolise = symbolise  # (console text, fault offset) -> symbolised trace
         self.stalls = stalls  # how the console judges stall reports (harness.vm.stalls)
         self.argv: list[str] = []
         self.started = 0.0
@@ -225,13 +244,25 @@ class Machine:
         _LIVE.add(self)
         (self.workdir / "qemu.pid").write_text(f"{self.process.pid}\n")
         (self.workdir / "qemu.argv").write_text("\n".join(argv) + "\n")
-        recorder = ConsoleRecorder(self.started, self.nonce, self.expected_boots, self.stalls)
+        watcher = None
+        if self.failure_rows or self.kernel_phases:
+            watcher = LineWatcher(self.failure_rows, phases=self.kernel_phases)
+        recorder = ConsoleRecorder(
+            self.started,
+            self.nonce,
+            self.expected_boots,
+            self.stalls,
+            watcher=watcher,
+            watches=self.watches,
+            policy=self.warnings,
+        )
         self._console = Console(
             console_ours,
             recorder,
             log_path=self.console_log,
             external_fault=self._qmp_panic,
             evidence=self.evidence,
+            symbolise=self.symbolise,
         )
         try:
             self._qmp = Qmp(qmp_ours, timeout=QMP_CONNECT_TIMEOUT, log_path=self.qmp_log)

@@ -72,7 +72,8 @@ def test_sigkill_of_pytest_mid_boot_leaves_no_qemu(tmp_path: Path) -> None:
         deadline = time.monotonic() + 120
         while not pid_file.exists() or not pid_file.read_text():
             assert inner.poll() is None, "the inner pytest ended before its VM booted"
-            assert time.monotonic() < deadline, "the inner VM never started"
+            if time.monotonic() > deadline:
+                pytest.fail("the inner VM never started")
             time.sleep(0.1)
         qemu_pid = int(pid_file.read_text())
         assert _alive(qemu_pid)
@@ -120,7 +121,8 @@ def processes_mentioning(text: str) -> list[int]:
 def wait_for(condition: Callable[[], bool], what: str, seconds: float = 240.0) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.1)
 
 

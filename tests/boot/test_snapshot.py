@@ -30,7 +30,7 @@ from harness.snapshot import restore as snapshot
 from harness.snapshot import store as snapshot_store
 from harness.storage import disks
 from harness.storage.controllers import Disk
-from harness.vm.boot import BootRequest
+from harness.vm.boot import BootRequest, Vm
 
 
 def lines_after(text: str, marker: str) -> list[str]:
@@ -141,11 +141,23 @@ def test_two_restored_vms_do_not_see_each_others_disk_writes(boot, tmp_path: Pat
 
 
 def test_cold_boot_marker_opts_out(boot, request: pytest.FixtureRequest) -> None:
+    # The snapshot marker asks for a snapshot start; cold_boot must win over it. Without the
+    # cold_boot marker honoured, this VM would get a SnapshotStart plan and resume.
+    request.node.add_marker(pytest.mark.snapshot)
     request.node.add_marker(pytest.mark.cold_boot)
     vm = boot(variables={"commands": ["true"]})
     vm.expect_pass()
-    assert vm.start_plan is None, "no snapshot start: a plain cold boot"
+    assert vm.start_plan is None and vm.boot_mechanism == "cold"
     assert vm.marks[1].name == "first-byte" and vm.machine.console.recorder.mark("kernel-banner")
+
+
+def test_snapshot_marker_alone_starts_from_a_snapshot(boot, request: pytest.FixtureRequest) -> None:
+    """The counterpart of the test above: the same VM with only the snapshot marker resumes."""
+    request.node.add_marker(pytest.mark.snapshot)
+    vm = boot(variables={"commands": ["true"]})
+    vm.expect_pass()
+    assert isinstance(vm.start_plan, snapshot.SnapshotStart)
+    assert vm.boot_mechanism in snapshot_store.MECHANISMS, vm.start_plan.note
 
 
 # -- a private cache: snapshots made and broken on purpose
@@ -160,7 +172,7 @@ class Made:
 
 def private_vm(
     kernel: Kernel, root: Path, workdir: Path, commands: list[str], **options: object
-) -> snapshot.SnapshotVm:
+) -> Vm:
     spec = InitramfsSpec(variables={"commands": commands}, **options)  # type: ignore[arg-type]
     return snapshot.prepare_vm(BootRequest(kernel, spec), cache_root=root, workdir=workdir)
 
