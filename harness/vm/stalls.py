@@ -91,8 +91,11 @@ class Judgement:
 
 
 def judge(name: str, lines: Sequence[str], index: int, limits: StallLimits) -> Judgement:
-    """Judge the stall report of fault ``name`` on ``lines[index]`` (later lines may hold
-    its duration); ``final`` judgements are :attr:`Judgement.settled`."""
+    """Judge the stall report of fault ``name`` on ``lines[index]`` against ``limits``.
+
+    An RCU stall's duration is on one of the lines after its header: until one of them (or
+    enough lines without one) has arrived, the judgement is not :attr:`Judgement.settled`
+    and the report counts as a fault."""
     if name not in STALL_FAULTS or limits.load_factor <= 1.0:
         return Judgement(settled=True)
     seconds: float | None = None
