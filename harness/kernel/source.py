@@ -120,6 +120,7 @@ class Plan:
     compiler: str
     debug_info: bool
     root: Path  # <cache>/kernels/source
+    tree_stamp: tuple[int, int] = (0, 0)  # the tree's top folder when planned (see _stamp)
 
     @property
     def key(self) -> str:
@@ -187,6 +188,7 @@ def plan(
         compiler=compiler_version(),
         debug_info=source.debug_info,
         root=root,
+        tree_stamp=_stamp(tree),
     )
 
 
@@ -569,11 +571,31 @@ def _failed(name: str, p: Plan, what: str) -> BuildError:
         first_error=first or "(no error line found; see the log)",
         log_path=p.log_path,
     )
-    if first:  # a compiler's verdict on these inputs: the same inputs fail the same way
+    if first and _tree_unchanged(p):
+        # A compiler's verdict on these inputs: the same inputs fail the same way. Not when
+        # the tree changed under the build (edited, checked out, replaced): then the error may
+        # say more about the change than about the inputs.
         p.failure.parent.mkdir(parents=True, exist_ok=True)
         record = {"tree": f"{p.tree} at {p.state.label}", "first_error": first}
         p.failure.write_text(json.dumps({**record, "log": str(p.log_path)}) + "\n")
     return error
+
+
+def _tree_unchanged(p: Plan) -> bool:
+    """Whether the tree is still in the state the build started from."""
+    try:
+        if p.state.key.startswith("package:"):
+            return p.tree_stamp == _stamp(p.tree)
+        return treestate.state_of(p.tree, p.root / "digests") == p.state
+    except (ConfigError, InfraError, OSError):
+        return False
+
+
+def _stamp(tree: Path) -> tuple[int, int]:
+    """Inode and change time of a tree's top folder: an unpacked tree replaced in the cache
+    gets a new one."""
+    stat = tree.stat()
+    return stat.st_ino, stat.st_ctime_ns
 
 
 def first_error(log_text: str) -> str:

@@ -179,3 +179,31 @@ def test_bisect_step_skips_a_commit_that_does_not_build(
     assert code == 125, out
     assert "tree does not build: init/main.c:960:9: error: 'bogus' undeclared" in out
     assert "build log: " in out and "skip (exit 125)" in out
+
+
+def test_a_failure_while_the_tree_changed_is_not_remembered(tmp_path: Path) -> None:
+    tree = fake_kernel_tree(tmp_path / "linux")
+    makefile = tree / "Makefile"
+    # The "compile" edits the tree as a checkout in another shell would, then fails.
+    makefile.write_text(
+        makefile.read_text().replace("\t@exit 2\n", "\t@echo edit >> $(CURDIR)/init.c\n\t@exit 2\n")
+    )
+    subprocess.run(
+        [
+            "git",
+            "-C",
+            str(tree),
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "commit",
+            "-qam",
+            "3",
+        ],
+        check=True,
+    )
+    plan = source.plan(SourceTree(tree=tree, config="defconfig"), tmp_path / "c", progress=False)
+    with pytest.raises(source.BuildError):
+        source.build("fake", plan, progress=False)
+    assert not plan.failure.exists()
