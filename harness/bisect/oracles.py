@@ -123,20 +123,32 @@ class BootOracle:
             kernel_warnings=self.kernel_warnings,
             machine_options={"sandbox": self.sandbox},
         )
-        vm = boot.prepare_vm(
-            request, cache_root=self.cache_root, workdir=_Workdirs(self.workdir).new(name)
+        folder = _Workdirs(self.workdir).new(name)
+        return boot_and_judge(request, self.cache_root, folder, self.verdicts, key, started)
+
+
+def boot_and_judge(
+    request: boot.BootRequest,
+    cache_root: Path,
+    workdir: Path,
+    verdicts: VerdictCache | None,
+    key: str,
+    started: float,
+) -> Observation:
+    """Boot ``request`` in ``workdir``, keep the verdict under ``key`` (when there is a cache)
+    and say what the boot showed: what every boot oracle does once it knows its key."""
+    vm = boot.prepare_vm(request, cache_root=cache_root, workdir=workdir)
+    result = boot.run(vm, kernel=request.kernel, accel=request.accel)
+    if verdicts is not None:
+        verdicts.put(
+            key,
+            result.outcome,
+            kernel=request.kernel.name,
+            message=result.message,
+            log_path=result.log_path,
+            seconds=time.monotonic() - started,
         )
-        result = boot.run(vm, kernel=kernel, accel=self.accel)
-        if self.verdicts is not None:
-            self.verdicts.put(
-                key,
-                result.outcome,
-                kernel=kernel.name,
-                message=result.message,
-                log_path=result.log_path,
-                seconds=time.monotonic() - started,
-            )
-        return Observation(result.outcome, result.log_path, result.message)
+    return Observation(result.outcome, result.log_path, result.message)
 
 
 @dataclass
@@ -184,18 +196,7 @@ class InitrdOracle:
         started = time.monotonic()
         request = replace(self.request, initrd=image)
         folder = _Workdirs(self.workdir).new(image.name)
-        vm = boot.prepare_vm(request, cache_root=self.cache_root, workdir=folder)
-        result = boot.run(vm, kernel=kernel, accel=request.accel)
-        if self.verdicts is not None:
-            self.verdicts.put(
-                key,
-                result.outcome,
-                kernel=kernel.name,
-                message=result.message,
-                log_path=result.log_path,
-                seconds=time.monotonic() - started,
-            )
-        return Observation(result.outcome, result.log_path, result.message)
+        return boot_and_judge(request, self.cache_root, folder, self.verdicts, key, started)
 
 
 @dataclass
