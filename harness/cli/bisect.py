@@ -386,8 +386,9 @@ def _bisect_step(args: argparse.Namespace) -> int:
         name, judge = _step_boot_oracle(oracle[1:], catalogue, root, verdicts)
     else:
         name, judge = _step_pytest_oracle(oracle[1:], catalogue, root, verdicts)
-    entry = catalogue.get(name)
-    if isinstance(entry.source, SourceTree):
+    # The judged name is a kernel of the catalogue, or an initrd file (boot --initrd).
+    entry = catalogue.get(name) if name in catalogue.names else None
+    if entry is not None and isinstance(entry.source, SourceTree):
         try:
             kernel = build_source(entry, root)
         except BuildError as error:
