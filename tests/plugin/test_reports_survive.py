@@ -125,6 +125,8 @@ def test_a_run_with_a_corrupt_history_file_still_writes_its_report(
     result = pytester.runpytest(
         catalogue, "--bootharness-html=report.html", "--bootharness-history=night1.json"
     )
-    result.assert_outcomes(passed=1, warnings=1)
+    # Other warnings may come with the run (the KVM probe's fallback on this host): the one
+    # that counts here is the damaged history file's, named.
+    result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*HistorySkipped*night1.json*"])
     assert "</html>" in (pytester.path / "report.html").read_text()
