@@ -109,6 +109,7 @@ class DistroSystem:
         self,
         controllers: Sequence[str] = DEFAULT_CONTROLLERS,
         *,
+        members: Sequence[int] | None = None,
         keyfile: bool = False,
         cmdline: str = "",
         accel: str = "tcg",
@@ -117,12 +118,16 @@ class DistroSystem:
         fail: Sequence[str] = (),
     ) -> BootRequest:
         """A boot of this system outside pytest (the ``distro_boot`` fixture does the same
-        through ``boot``): its disks on ``controllers``, the login prompt as success.
+        through ``boot``): its disks on ``controllers`` (only ``members``, when given), the
+        login prompt as success.
 
         Raises:
             ConfigError: no controller, or ``keyfile`` for a layout without one.
         """
-        storage = replace(attach.plan(self.disks(controllers)), layout=self.layout_dimension)
+        disks = self.disks(controllers)
+        if members is not None:
+            disks = [disks[i] for i in members]
+        storage = replace(attach.plan(disks), layout=self.layout_dimension)
         return BootRequest(
             kernel=self.kernel,
             initramfs=InitramfsSpec(),
