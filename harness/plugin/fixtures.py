@@ -27,7 +27,6 @@ from harness.kernel.catalogue import KernelEntry
 from harness.outcome import ConfigError, HarnessError
 from harness.plugin.settings import (
     Settings,
-    distro_key,
     matrix_key,
     passed_key,
     settings_key,
@@ -445,7 +444,6 @@ def distro_boot(
             files=files,
             accel=bootharness_accel.name,
         )
-        request.node.stash[distro_key] = system
         # Scaled here by the load like the run's own deadlines (boot() leaves a test's own
         # deadlines as they are).
         deadlines = boot_options.pop("deadlines", None) or distro.DEADLINES.scaled(
