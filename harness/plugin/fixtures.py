@@ -450,6 +450,7 @@ def distro_boot(
             _load_factor(request)
         )
         boot_options.setdefault("memory_mb", distro.MEMORY_MB)
+        boot_options.setdefault("extra_args", distro.MACHINE_ARGS)
         disks = system.disks(controllers)
         if members is not None:  # a layout with members left out (a degraded RAID1)
             disks = [disks[i] for i in members]

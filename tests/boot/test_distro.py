@@ -102,24 +102,8 @@ def test_missing_fstab_device_is_a_failure_naming_the_unit(
     assert "dev-disk-by\\x2dlabel-missing.device" in message, message
 
 
-# initramfs-tools starts the array degraded and mounts the root, but then, as soon as systemd
-# starts its first units in the real root, every boot so far (5 of 5, with 1 and 2 GiB, on
-# AHCI and virtio-scsi, with init_on_alloc=0, without the floppy driver) ended in a soft lockup
-# or an RCU stall with the CPU in clear_page_rep, writing one small range of guest-physical
-# memory (~221 MiB) for tens of seconds. With init=/bin/sh it does not happen; dracut's
-# degraded boot on the same disk passes. Not understood yet: a TCG slow path, or md.
-_ITOOLS_DEGRADED = pytest.mark.xfail(
-    reason="KERNEL_FAULT (soft lockup in clear_page_rep) after initramfs-tools' degraded start, "
-    "under TCG; under investigation",
-    strict=False,
-)
-
-
 @pytest.mark.nightly
-@pytest.mark.parametrize(
-    "generator",
-    [pytest.param("initramfs-tools", marks=_ITOOLS_DEGRADED), "dracut"],
-)
+@pytest.mark.parametrize("generator", GENERATORS)
 def test_raid1_with_a_member_removed_boots_degraded(
     distro_boot: DistroBoot, generator: str
 ) -> None:
