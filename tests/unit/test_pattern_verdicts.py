@@ -14,7 +14,7 @@ import pytest
 
 from harness.outcome import KernelFault, TestFailure
 from harness.vm.console import Console, ConsoleClosed, ConsoleRecorder
-from harness.vm.patterns import ROOT_FAILURES, ConsoleVerdict, LineWatcher
+from harness.vm.patterns import SHIPPED_FAILURES, ConsoleVerdict, LineWatcher
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "console"
 NEVER = re.compile("never printed")
@@ -91,4 +91,4 @@ def test_nothing_matched_and_closed_is_console_closed(
 
 
 def test_the_table_is_what_the_verdict_uses() -> None:
-    assert ConsoleVerdict().failure_rows(markers=False) == ROOT_FAILURES
+    assert ConsoleVerdict().failure_rows(markers=False) == SHIPPED_FAILURES
