@@ -29,7 +29,6 @@ from harness.outcome import ConfigError, HarnessError
 from harness.plugin import kernel_warnings
 from harness.plugin.settings import (
     Settings,
-    distro_key,
     matrix_key,
     passed_key,
     settings_key,
@@ -526,13 +525,13 @@ def distro_boot(
             files=files,
             accel=bootharness_accel.name,
         )
-        request.node.stash[distro_key] = system
         # Scaled here by the load like the run's own deadlines (boot() leaves a test's own
         # deadlines as they are).
         deadlines = boot_options.pop("deadlines", None) or distro.DEADLINES.scaled(
             _load_factor(request)
         )
         boot_options.setdefault("memory_mb", distro.MEMORY_MB)
+        boot_options.setdefault("extra_args", distro.MACHINE_ARGS)
         disks = system.disks(controllers)
         if members is not None:  # a layout with members left out (a degraded RAID1)
             disks = [disks[i] for i in members]

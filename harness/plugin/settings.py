@@ -23,7 +23,6 @@ from harness.storage import bootpaths, controllers
 from harness.vm.accel import VALID_REQUESTS
 from harness.vm.boot import Vm
 from harness.vm.deadlines import Deadlines
-from harness.vm.distro import DistroSystem
 from harness.vm.kernel_warnings import MODES as WARNING_MODES
 from harness.vm.kernel_warnings import WarningPolicy
 from harness.vm.kernel_warnings import policy as warning_policy
@@ -79,7 +78,6 @@ matrix_key = pytest.StashKey[MatrixSettings]()
 catalogue_key = pytest.StashKey[Catalogue]()
 vms_key = pytest.StashKey[list[Vm]]()  # a test's VMs, for its report and record
 passed_key = pytest.StashKey[bool]()  # the test's call passed: its folder may go
-distro_key = pytest.StashKey[DistroSystem]()  # the system a test's distro_boot() booted
 
 
 def option_or_ini(config: pytest.Config, option: str, ini: str) -> str:

@@ -106,7 +106,8 @@ def run_job(
         accel=accel,
         deadlines=deadlines,
         storage=storage,
-        machine_options={"memory_mb": MEMORY_MB},
+        # Preallocated guest RAM: see harness.vm.distro.MACHINE_ARGS.
+        machine_options={"memory_mb": MEMORY_MB, "extra_args": ("-mem-prealloc",)},
     )
     log.info("building %s in a guest (%s)", job.name, folder)
     vm = prepare_vm(request, cache_root=cache_root, workdir=folder)

@@ -48,6 +48,11 @@ MEMORY_MB = 1024
 #   ("systemd[1]: Failed to start systemd-cryptsetup@luks\x2d....service - ..."), and
 #   printk.devkmsg=on keeps the kernel from rate-limiting them.
 CMDLINE = "no_timer_check systemd.log_target=kmsg systemd.log_level=warning printk.devkmsg=on"
+# QEMU touches all guest RAM before the guest starts. On hosts whose own memory is backed
+# lazily (a VM whose pages its hypervisor hands out on first touch), a long systemd boot
+# otherwise stalls for tens of seconds wherever the guest first writes fresh memory: soft
+# lockups and RCU stalls in clear_page_rep (KERNEL_FAULT) that preallocation made go away.
+MACHINE_ARGS = ("-mem-prealloc",)
 DEFAULT_CONTROLLERS = ("ahci",)
 
 
@@ -109,6 +114,7 @@ class DistroSystem:
         self,
         controllers: Sequence[str] = DEFAULT_CONTROLLERS,
         *,
+        members: Sequence[int] | None = None,
         keyfile: bool = False,
         cmdline: str = "",
         accel: str = "tcg",
@@ -117,12 +123,16 @@ class DistroSystem:
         fail: Sequence[str] = (),
     ) -> BootRequest:
         """A boot of this system outside pytest (the ``distro_boot`` fixture does the same
-        through ``boot``): its disks on ``controllers``, the login prompt as success.
+        through ``boot``): its disks on ``controllers`` (only ``members``, when given), the
+        login prompt as success.
 
         Raises:
             ConfigError: no controller, or ``keyfile`` for a layout without one.
         """
-        storage = replace(attach.plan(self.disks(controllers)), layout=self.layout_dimension)
+        disks = self.disks(controllers)
+        if members is not None:
+            disks = [disks[i] for i in members]
+        storage = replace(attach.plan(disks), layout=self.layout_dimension)
         return BootRequest(
             kernel=self.kernel,
             initramfs=InitramfsSpec(),
@@ -130,7 +140,7 @@ class DistroSystem:
             deadlines=deadlines,
             cmdline=f"{self.cmdline(keyfile=keyfile)} {cmdline}".strip(),
             storage=storage,
-            machine_options={"memory_mb": MEMORY_MB},
+            machine_options={"memory_mb": MEMORY_MB, "extra_args": MACHINE_ARGS},
             initrd=self.initramfs.path,
             overlay=self.keyfile_overlay() if keyfile else {},
             verdict=ConsoleVerdict(tuple(expect), tuple(fail)),
@@ -194,4 +204,4 @@ def prepare(
     return system
 
 
-__all__ = ("CMDLINE", "DEADLINES", "DistroSystem", "prepare")
+__all__ = ("CMDLINE", "DEADLINES", "MACHINE_ARGS", "DistroSystem", "prepare")
