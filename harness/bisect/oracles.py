@@ -7,6 +7,10 @@ again boots nothing, and store every verdict on the guest they observe.
   ``bootharness boot``) and takes the boot's outcome.
 * :class:`PytestOracle` runs one pytest node id in a subprocess with ``--kernel NAME`` and maps
   pytest's exit code and the junit ``outcome`` properties the plugin writes to an outcome.
+* :class:`InitrdOracle` judges an initrd *file* instead: one kernel boots each candidate image
+  as it is (markers or console patterns, as ``bootharness boot --initrd``); the verdict is
+  keyed by the image's content digest. :class:`PytestOracle` with ``initrd_kernel`` runs the
+  node id with ``--initrd FILE`` (the ``initrd`` fixture) on that kernel.
 """
 
 from __future__ import annotations
@@ -19,19 +23,23 @@ import sys
 import time
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from harness import cache
+from harness import cache, lifeline
 from harness.bisect.search import Observation
 from harness.bisect.verdicts import VerdictCache, verdict_key
+from harness.image import foreign
 from harness.image import initramfs as initramfs_module
 from harness.image.initramfs import InitramfsSpec
 from harness.kernel.provision import Kernel
 from harness.outcome import ConfigError, Outcome
+from harness.storage.bootpaths import BootSpec
 from harness.vm import boot
 from harness.vm.deadlines import Deadlines
 from harness.vm.kernel_warnings import WarningPolicy
+from harness.vm.sandbox import DEFAULT as DEFAULT_SANDBOX
+from harness.vm.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +89,17 @@ class BootOracle:
     deadlines: Deadlines = field(default_factory=Deadlines)
     cmdline: str = ""
     verdicts: VerdictCache | None = None
+    boot: BootSpec = field(default_factory=BootSpec)  # the boot path (default: pvh)
     kernel_warnings: WarningPolicy = field(default_factory=WarningPolicy)
+    sandbox: Sandbox = DEFAULT_SANDBOX
 
     @property
     def identity(self) -> str:
         """What besides the kernel and the initramfs decides the verdict."""
         parts = ["boot", self.cmdline, repr(self.deadlines)]
-        if self.kernel_warnings != WarningPolicy():  # the default keeps the keys it had
+        if self.boot != BootSpec():  # the default keeps the keys it had
+            parts.append(repr(self.boot))
+        if self.kernel_warnings != WarningPolicy():  # likewise
             parts.append(repr(self.kernel_warnings))
         return cache.digest(parts)
 
@@ -107,22 +119,84 @@ class BootOracle:
             accel=self.accel,
             deadlines=self.deadlines,
             cmdline=self.cmdline,
+            boot=self.boot,
             kernel_warnings=self.kernel_warnings,
+            machine_options={"sandbox": self.sandbox},
         )
-        vm = boot.prepare_vm(
-            request, cache_root=self.cache_root, workdir=_Workdirs(self.workdir).new(name)
+        folder = _Workdirs(self.workdir).new(name)
+        return boot_and_judge(request, self.cache_root, folder, self.verdicts, key, started)
+
+
+def boot_and_judge(
+    request: boot.BootRequest,
+    cache_root: Path,
+    workdir: Path,
+    verdicts: VerdictCache | None,
+    key: str,
+    started: float,
+) -> Observation:
+    """Boot ``request`` in ``workdir``, keep the verdict under ``key`` (when there is a cache)
+    and say what the boot showed: what every boot oracle does once it knows its key."""
+    vm = boot.prepare_vm(request, cache_root=cache_root, workdir=workdir)
+    result = boot.run(vm, kernel=request.kernel, accel=request.accel)
+    if verdicts is not None:
+        verdicts.put(
+            key,
+            result.outcome,
+            kernel=request.kernel.name,
+            message=result.message,
+            log_path=result.log_path,
+            seconds=time.monotonic() - started,
         )
-        result = boot.run(vm, kernel=kernel, accel=self.accel)
-        if self.verdicts is not None:
-            self.verdicts.put(
-                key,
-                result.outcome,
-                kernel=kernel.name,
-                message=result.message,
-                log_path=result.log_path,
-                seconds=time.monotonic() - started,
-            )
-        return Observation(result.outcome, result.log_path, result.message)
+    return Observation(result.outcome, result.log_path, result.message)
+
+
+@dataclass
+class InitrdOracle:
+    """Judge an initrd file by booting it with the kernel and disks of ``request``.
+
+    ``request`` is everything but the image (its ``initrd`` is replaced by each candidate);
+    the candidate names are the image paths. The verdict is cached under the kernel, the
+    image's content digest and what else decides it (command line, deadlines, patterns,
+    disks' contents), so renaming an image keeps its verdict and editing it does not.
+    """
+
+    request: boot.BootRequest
+    cache_root: Path
+    workdir: Path
+    verdicts: VerdictCache | None = None
+
+    @property
+    def identity(self) -> str:
+        """What besides the kernel and the image decides the verdict."""
+        request = self.request
+        verdict = request.verdict
+        parts = [
+            "initrd-boot",
+            request.cmdline,
+            repr(request.deadlines),
+            repr((verdict.expect, verdict.fail, verdict.root_failures, request.markers)),
+            repr(sorted(request.overlay)),
+        ]
+        if request.storage is not None:
+            for image, attachment in zip(
+                request.storage.images, request.storage.plan.attachments, strict=True
+            ):
+                parts += [attachment.controller.name, cache.file_digest(image.path)]
+        return cache.digest(parts)
+
+    def __call__(self, candidate: str) -> Observation:
+        image = Path(candidate)
+        if not image.is_file():
+            raise ConfigError(f"bisect: initrd {image} does not exist")
+        kernel = self.request.kernel
+        key = verdict_key(kernel.identity, foreign.image_digest(image), self.identity)
+        if self.verdicts is not None and (hit := self.verdicts.get(key)) is not None:
+            return Observation(hit.outcome, hit.log_path, hit.message, cached=True)
+        started = time.monotonic()
+        request = replace(self.request, initrd=image)
+        folder = _Workdirs(self.workdir).new(image.name)
+        return boot_and_judge(request, self.cache_root, folder, self.verdicts, key, started)
 
 
 @dataclass
@@ -150,6 +224,9 @@ class PytestOracle:
     cwd: Path = field(default_factory=Path.cwd)
     python: str = sys.executable
     timeout: float = 3600.0
+    # Bisect initrd files instead of kernels: the candidates are image paths, each run gets
+    # ``--kernel initrd_kernel --initrd CANDIDATE``, and the image's digest keys the verdict.
+    initrd_kernel: str | None = None
 
     def test_file(self) -> Path:
         """The file the node id names; raises ConfigError when it does not exist."""
@@ -166,11 +243,20 @@ class PytestOracle:
         return cache.digest(["pytest", self.node_id, *self.extra_args, self.accel or ""])
 
     def __call__(self, name: str) -> Observation:
-        kernel = self.kernels(name)
-        key = verdict_key(kernel.identity, cache.file_digest(self.test_file()), self.identity)
+        kernel_name, selection = name, ["--kernel", name]
+        inputs = cache.file_digest(self.test_file())
+        if self.initrd_kernel is not None:
+            image = Path(name)
+            if not image.is_file():
+                raise ConfigError(f"bisect: initrd {image} does not exist")
+            kernel_name = self.initrd_kernel
+            selection = ["--kernel", kernel_name, "--initrd", str(image.resolve())]
+            inputs = cache.digest([inputs, foreign.image_digest(image)])
+        kernel = self.kernels(kernel_name)
+        key = verdict_key(kernel.identity, inputs, self.identity)
         if self.verdicts is not None and (hit := self.verdicts.get(key)) is not None:
             return Observation(hit.outcome, hit.log_path, hit.message, cached=True)
-        folder = _Workdirs(self.workdir).new(name)
+        folder = _Workdirs(self.workdir).new(Path(name).name)
         junit = folder / "junit.xml"
         output = folder / "pytest.log"
         argv = [
@@ -181,8 +267,7 @@ class PytestOracle:
             "no:cacheprovider",
             "-q",
             self.node_id,
-            "--kernel",
-            name,
+            *selection,
             "--kernels",
             str(self.kernels_file),
             "--bootharness-cache",
@@ -198,7 +283,8 @@ class PytestOracle:
         started = time.monotonic()
         with output.open("w") as out:
             try:
-                code = subprocess.run(
+                # Guarded: a killed bisect takes the pytest run (and through it its VMs) along.
+                code = lifeline.run_guarded(
                     argv, cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT, timeout=self.timeout
                 ).returncode
             except subprocess.TimeoutExpired:
@@ -214,7 +300,7 @@ class PytestOracle:
             self.verdicts.put(
                 key,
                 outcome,
-                kernel=name,
+                kernel=kernel_name,
                 message=message,
                 log_path=evidence,
                 seconds=time.monotonic() - started,

@@ -15,8 +15,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from harness import upkeep
 from harness.cli import bisect as bisect_commands
 from harness.cli import build as build_commands
+from harness.cli import cache as cache_commands
+from harness.cli import foreign as foreign_commands
 from harness.cli import matrix as matrix_commands
 from harness.cli import report as report_commands
 from harness.cli import text as report
@@ -25,8 +28,10 @@ from harness.cli.common import (
     Parser,
     accelerator,
     add_boot_options,
+    add_foreign_options,
     add_global_options,
     attach,
+    boot_request,
     cache_of,
     catalogue_of,
     image_options,
@@ -34,8 +39,8 @@ from harness.cli.common import (
     new_run_dir,
     one_kernel,
     setup_logging,
-    warnings_policy,
 )
+from harness.cli.progress import BootProgress
 from harness.image import cpio, initramfs
 from harness.kernel.provision import is_provisioned, provision
 from harness.outcome import ConfigError, HarnessError
@@ -95,15 +100,23 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("file", type=Path, help="an initramfs: cpio, compressed or concatenated")
     ls.add_argument("--paths", action="store_true", help="print only the paths")
     ls.set_defaults(func=cmd_initramfs_ls)
+    foreign_commands.register(ramfs_commands, common)
 
     run = commands.add_parser("boot", parents=[common, image], help="boot a kernel under QEMU")
     add_boot_options(run)
+    add_foreign_options(run)
     run.add_argument(
         "--shell", action="store_true", help="after the init succeeds, attach to a shell"
     )
     run.set_defaults(func=cmd_boot)
     # Command groups in modules of their own: each register() adds its subcommands.
-    for module in (build_commands, bisect_commands, matrix_commands, report_commands):
+    for module in (
+        build_commands,
+        bisect_commands,
+        cache_commands,
+        matrix_commands,
+        report_commands,
+    ):
         module.register(commands, common)
     return parser
 
@@ -175,15 +188,8 @@ def cmd_boot(args: argparse.Namespace) -> int:
     kernel = provision(one_kernel(catalogue_of(args), args.kernel), root)
     accel = accelerator(args.accel, root)
     deadlines = Deadlines.from_options(args.boot_timeout, args.timeout_multiplier)
-    spec = initramfs_spec(args, after="shell" if args.shell else None)
-    request = boot.BootRequest(
-        kernel,
-        spec,
-        accel=accel,
-        deadlines=deadlines,
-        cmdline=args.cmdline,
-        kernel_warnings=warnings_policy(args),
-    )
+    after = "shell" if args.shell else None
+    request = boot_request(args, kernel, accel=accel, deadlines=deadlines, after=after)
     vm = boot.prepare_vm(
         request, cache_root=root, workdir=args.workdir or new_run_dir(root, kernel.name)
     )
@@ -194,8 +200,15 @@ def cmd_boot(args: argparse.Namespace) -> int:
             print("console attached; Ctrl-] to leave", file=sys.stderr, flush=True)
             attach(vm.console.child)
         return 0
-    result = boot.run(vm, kernel=kernel, accel=accel)
-    print(result.render())
+    # The report is written as the boot goes (harness.cli.progress): head, phases, outcome.
+    qemu = boot.qemu_version(vm.spec.qemu)
+    head = boot.header_lines(kernel.name, kernel.release, qemu, accel, args.boot_path)
+    print("\n".join(head), flush=True)
+    with BootProgress(vm, sys.stdout, live=sys.stdout.isatty()) as progress:
+        result = boot.run(vm, kernel=kernel, accel=accel)
+        progress.finish(result.marks)
+    print("\n".join(result.end_lines()))
+    upkeep.prune_now(root)  # at most hourly: every boot adds a folder under runs/
     return result.outcome.cli_exit
 
 

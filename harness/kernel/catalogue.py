@@ -147,6 +147,7 @@ class KernelEntry:
     tags: tuple[str, ...] = ()
     cmdline: str = ""
     note: str = ""
+    origin: Path | None = None  # the kernels.toml it came from, for messages about it
 
     def matches(self, selector: str) -> bool:
         """True if ``selector`` is this kernel's name, one of its tags, or ``tag:`` + a tag."""
@@ -477,7 +478,9 @@ class _Validator:
         source = self.source(name, table)
         if source is None:
             return None
-        return KernelEntry(name=name, source=source, tags=tags, cmdline=cmdline, note=note)
+        return KernelEntry(
+            name=name, source=source, tags=tags, cmdline=cmdline, note=note, origin=self.path
+        )
 
     def source(self, name: str, table: dict[str, object]) -> KernelSource | None:
         has_package, has_vmlinuz = "debian_package" in table, "vmlinuz" in table

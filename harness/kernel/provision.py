@@ -3,35 +3,33 @@
 A kernel built from source is built (or found) by :mod:`harness.kernel.source`, so every
 caller of :func:`provision` (boot, the fixtures, the matrix, bisect) builds on demand.
 
-A Debian kernel package is downloaded with ``apt-get download`` and unpacked with
-``dpkg-deb -x`` (no install, no maintainer scripts); ``depmod -b`` then writes modules.dep,
-which Debian's packages leave to their postinst. Everything happens in a scratch folder that
-is renamed into place at the end (see :func:`harness.cache.build_once`), so an interrupted
-download never counts as provisioned and two processes never provision the same kernel twice.
+A Debian kernel package is downloaded and unpacked by :mod:`harness.kernel.debian` (no
+install, no maintainer scripts). Everything happens in a scratch folder that is renamed into
+place at the end (see :func:`harness.cache.build_once`), so an interrupted download never
+counts as provisioned and two processes never provision the same kernel twice; every cached
+file (the ``.deb``, the unpacked tree, the extracted vmlinux) is checked against its manifest
+on use and rebuilt when damaged.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import shlex
 import shutil
+import struct
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import cache, tools
-from harness.kernel import bzimage, source
+from harness import cache, manifest, tools
+from harness.kernel import bzimage, debian, source
 from harness.kernel.catalogue import DebianPackage, KernelEntry, LocalFiles, SourceTree
 from harness.outcome import ConfigError, InfraError
 
 log = logging.getLogger(__name__)
-
-_METADATA = "kernel.json"
-_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -88,9 +86,17 @@ def parse_config(text: str) -> dict[str, str]:
     return options
 
 
-@functools.cache
+# Per process: the vmlinux entry of each bzImage (by its identity), so that only the first
+# use digests the bzImage; every use still checks the entry itself (cache.build_once).
+_VMLINUX: dict[tuple[object, ...], Path] = {}
+
+
 def _cached_vmlinux(vmlinuz: Path, cache_dir: Path) -> Path | None:
-    target = cache_dir / f"vmlinux-{cache.file_digest(vmlinuz)[:16]}"
+    identity = (*manifest.file_identity(vmlinuz), str(cache_dir))
+    target = _VMLINUX.get(identity)
+    if target is None:
+        target = cache_dir / f"vmlinux-{cache.file_digest(vmlinuz)[:16]}"
+        _VMLINUX[identity] = target
     marker = target.with_name(target.name + ".no-pvh")
     if marker.exists():
         return None
@@ -103,12 +109,39 @@ def _cached_vmlinux(vmlinuz: Path, cache_dir: Path) -> Path | None:
         partial.write_bytes(elf)
 
     try:
-        if cache.build_once(target, build):
+        if cache.build_once(target, build, adopt=check_elf):
             log.info("extracted %s from %s", target.name, vmlinuz)
     except _NoPvh:
         log.info("%s has no PVH entry; booting the bzImage", vmlinuz)
         return None
     return target
+
+
+def check_elf(path: Path) -> None:
+    """Check that ``path`` is a whole 64-bit ELF file: every segment the program headers
+    name lies inside it (what a truncated vmlinux fails, and what QEMU would load).
+
+    Raises:
+        ValueError: it is not, with what is wrong.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        header = handle.read(64)
+        if len(header) < 64 or header[:5] != b"\x7fELF\x02":
+            raise ValueError(f"{path} is not a 64-bit ELF file")
+        (phoff,) = struct.unpack_from("<Q", header, 0x20)
+        phentsize, phnum = struct.unpack_from("<HH", header, 0x36)
+        handle.seek(phoff)
+        table = handle.read(phentsize * phnum)
+    if len(table) < phentsize * phnum:
+        raise ValueError(f"{path}: program headers cut off at {size} bytes")
+    for index in range(phnum):
+        (offset,) = struct.unpack_from("<Q", table, index * phentsize + 8)
+        (filesz,) = struct.unpack_from("<Q", table, index * phentsize + 0x20)
+        if offset + filesz > size:
+            raise ValueError(
+                f"{path}: segment {index} ends at byte {offset + filesz}, the file has {size}"
+            )
 
 
 class _NoPvh(Exception):
@@ -123,7 +156,10 @@ def provision(entry: KernelEntry, cache_root: Path, *, progress: bool | None = N
 
     Raises:
         ConfigError: a local file is missing or the package holds no kernel.
-        InfraError: apt-get or dpkg-deb failed (network, unknown package).
+        PackageNotFound: kernels.toml names a package apt does not know (a ConfigError).
+        ArchiveUnreachable: the package archive did not answer (an InfraError).
+        CacheFull, CacheReadOnly, CacheDenied: the cache's file system refused a write.
+        ToolFailed: apt-get, dpkg-deb or depmod failed otherwise (an InfraError).
         MissingToolError: apt-get, dpkg-deb or depmod is not installed.
     """
     if progress is None:
@@ -138,7 +174,7 @@ def provision(entry: KernelEntry, cache_root: Path, *, progress: bool | None = N
 def is_provisioned(entry: KernelEntry, cache_root: Path) -> bool:
     """True when ``entry`` can boot without a download or a build."""
     if isinstance(entry.source, DebianPackage):
-        return (_package_dir(entry.source, cache_root) / _METADATA).exists()
+        return (_package_dir(entry.source, cache_root) / debian.METADATA).exists()
     if isinstance(entry.source, SourceTree):
         # Only look: no unpacking, no download of a base kernel, no build.
         base = entry.source.base_kernel
@@ -216,11 +252,12 @@ def _provision_package(
     target = _package_dir(source, cache_root)
 
     def build(partial: Path) -> None:
-        _fetch_and_unpack(source.package, partial, progress)
+        deb = debian.fetch(entry, source.package, cache_root, progress=progress)
+        debian.unpack(deb, source.package, partial, progress=progress)
 
-    if cache.build_once(target, build):
+    if cache.build_once(target, build, adopt=_check_unpacked):
         log.info("provisioned %s into %s", source.package, target)
-    meta = json.loads((target / _METADATA).read_text())
+    meta = debian.read_metadata(target)
     root = target / "root"
     release = meta["release"]
     system_map = _optional(root / "boot" / f"System.map-{release}")
@@ -288,50 +325,17 @@ def _debug_symbols(
     return target / "System.map", target / "vmlinux"
 
 
-def _fetch_and_unpack(package: str, partial: Path, progress: bool) -> None:
-    apt_get = tools.require("apt-get")
-    dpkg_deb = tools.require("dpkg-deb")
-    depmod = tools.require("depmod")
-    download = partial / "download"
-    download.mkdir(parents=True)
-    if progress:
-        print(f"bootharness: downloading {package} ...", file=sys.stderr, flush=True)
-    _run(
-        [apt_get, "download", package],
-        cwd=download,
-        what=f"download {package}",
-        show=progress,
-        hint="check the package name with `apt-cache policy NAME` and run `apt-get update`",
-    )
-    debs = sorted(download.glob("*.deb"))
-    if len(debs) != 1:
-        raise InfraError(f"apt-get download {package} produced {len(debs)} .deb files, expected 1")
-    deb = debs[0]
-    version = _run([dpkg_deb, "-f", str(deb), "Version"], what="read the package version").strip()
-    root = partial / "root"
-    if progress:
-        print(f"bootharness: unpacking {deb.name} ...", file=sys.stderr, flush=True)
-    _run([dpkg_deb, "-x", str(deb), str(root)], what=f"unpack {deb.name}")
-    shutil.rmtree(download)
-    vmlinuz_files = sorted((root / "boot").glob("vmlinuz-*"))
-    if len(vmlinuz_files) != 1:
-        raise ConfigError(
-            f"package {package} holds {len(vmlinuz_files)} boot/vmlinuz-* files, expected 1; "
-            "is it a linux-image package?"
-        )
-    vmlinuz = vmlinuz_files[0]
-    release = vmlinuz.name.removeprefix("vmlinuz-")
-    modules_dir = root / "lib" / "modules" / release
-    if modules_dir.is_dir() and not (modules_dir / "modules.dep").exists():
-        _run([depmod, "-b", str(root), release], what=f"depmod for {release}")
-    meta = {
-        "format": _FORMAT,
-        "package": package,
-        "version": version,
-        "release": release,
-        "vmlinuz": str(vmlinuz.relative_to(root)),
-    }
-    (partial / _METADATA).write_text(json.dumps(meta, indent=2) + "\n")
+def _check_unpacked(folder: Path) -> None:
+    """The structural check of an unpacked package made by an older harness (no manifest):
+    its description, a readable bzImage of that release, and the module index."""
+    meta = debian.read_metadata(folder)
+    release = str(meta["release"])
+    found = bzimage.release_of(folder / "root" / str(meta["vmlinuz"]))
+    if found != release:
+        raise ValueError(f"its bzImage says release {found!r}, {debian.METADATA} {release!r}")
+    modules = folder / "root" / "lib" / "modules" / release
+    if modules.is_dir() and not (modules / "modules.dep").is_file():
+        raise ValueError(f"{modules} has no modules.dep")
 
 
 def _describe_local(entry: KernelEntry, source: LocalFiles, cache_root: Path) -> Kernel:
@@ -365,7 +369,9 @@ def _depmod_copy(modules_dir: Path, release: str, derived: Path) -> Path:
     def build(partial: Path) -> None:
         depmod = tools.require("depmod")
         shutil.copytree(modules_dir, partial / "lib" / "modules" / release, symlinks=False)
-        _run([depmod, "-b", str(partial), release], what=f"depmod for {release}")
+        tools.run_tool(
+            [depmod, "-b", str(partial), release], what=f"depmod for {release}", writes=partial
+        )
 
     cache.build_once(target, build)
     return target / "lib" / "modules" / release

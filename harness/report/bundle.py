@@ -27,6 +27,7 @@ from typing import Any
 
 from harness import cache
 from harness.outcome import ConfigError
+from harness.report.model import write_atomic
 from harness.storage import disks
 from harness.vm.boot import qemu_version
 
@@ -123,6 +124,15 @@ def write(
     for name in VM_FILES:
         with contextlib.suppress(FileNotFoundError):
             shutil.copyfile(workdir / name, target / name)
+    # A boot through firmware and a boot loader reads the bzImage from its boot disk (the
+    # disk and the firmware's variable store are in the VM folder's files and argv).
+    image = spec.kernel if spec.kernel is not None else getattr(kernel, "vmlinuz", None)
+    if spec.kernel is None:
+        image_kind = "boot-disk"
+    elif kernel is not None and spec.kernel == kernel.vmlinuz:
+        image_kind = "vmlinuz"
+    else:
+        image_kind = "vmlinux"
     data: dict[str, Any] = {
         "format": FORMAT,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -137,11 +147,9 @@ def write(
             "commit": str(getattr(kernel, "commit", "")),  # source kernels: the tree's state
             "config_digest": str(getattr(kernel, "config_digest", "")),
             "identity": kernel.identity if kernel is not None else "",
-            "image": str(spec.kernel),
-            "image_kind": "vmlinuz"
-            if kernel is not None and spec.kernel == kernel.vmlinuz
-            else "vmlinux",
-            "image_digest": cache.file_digest(Path(spec.kernel)),
+            "image": str(image or ""),
+            "image_kind": image_kind,
+            "image_digest": cache.file_digest(Path(image)) if image is not None else "",
         },
         "initramfs": {
             "file": INITRAMFS if initrd is not None else "",
@@ -150,6 +158,13 @@ def write(
         },
         "machine": {name: _plain(getattr(spec, name)) for name in _SPEC_FIELDS},
         "nonce": vm.nonce,
+        # How the boot was judged: markers, or console patterns (harness.vm.patterns).
+        "verdict": {
+            "markers": vm.markers,
+            "expect": list(vm.verdict.expect),
+            "fail": list(vm.verdict.fail),
+            "root_failures": vm.verdict.root_failures,
+        },
         "expected_boots": vm.machine.expected_boots,
         "deadlines": dataclasses.asdict(vm.deadlines),
         "load_factor": float(vm.load_factor),
@@ -163,7 +178,7 @@ def write(
     if traces:  # where it crashed, symbolised against the kernel's own files
         (target / TRACE).write_text(traces + "\n")
         data["trace"] = TRACE
-    (target / BUNDLE_JSON).write_text(json.dumps(data, indent=2) + "\n")
+    write_atomic(target / BUNDLE_JSON, json.dumps(data, indent=2) + "\n")
     log.info("reproduction bundle: %s", target)
     return target
 

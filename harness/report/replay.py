@@ -29,6 +29,7 @@ from harness.storage import disks
 from harness.vm import boot
 from harness.vm.deadlines import Deadlines
 from harness.vm.machine import MachineSpec
+from harness.vm.patterns import ConsoleVerdict
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +73,19 @@ def prepare(
         machine["accel"] = accel
     spec = MachineSpec(kernel=image, initrd=bundle.initramfs, **machine)
     deadlines = Deadlines(**bundle.data["deadlines"])
+    judged = bundle.data.get("verdict") or {}  # bundles from before console verdicts: markers
     vm = boot.Vm(
         spec,
         workdir,
         nonce=str(bundle.data["nonce"]),
         deadlines=deadlines,
         expected_boots=int(bundle.data.get("expected_boots", 1)),
+        verdict=ConsoleVerdict(
+            tuple(judged.get("expect", ())),
+            tuple(judged.get("fail", ())),
+            judged.get("root_failures"),
+        ),
+        markers=bool(judged.get("markers", True)),
     )
     vm.kernel = kernel  # as the boot fixture does
     return Replay(vm, kernel, bundle, notes)

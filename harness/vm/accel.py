@@ -28,6 +28,7 @@ from typing import Any
 
 from filelock import FileLock
 
+from harness import lifeline
 from harness.cache import cache_root, digest
 from harness.outcome import ConfigError, Evidence, InfraError
 from harness.tools import require
@@ -35,6 +36,7 @@ from harness.tools import require
 log = logging.getLogger(__name__)
 
 VALID_REQUESTS = ("auto", "kvm", "tcg")
+PROBE_DEADLINE = 5.0  # seconds a KVM probe guest may take before KVM counts as hung
 DEFAULT_QEMU = "qemu-system-x86_64"
 KVM_DEVICE = Path("/dev/kvm")
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -102,7 +104,7 @@ def choose_accelerator(
     requested: str,
     *,
     qemu: str | None = None,
-    deadline: float = 5.0,
+    deadline: float = PROBE_DEADLINE,
     cache_dir: Path | None = None,
     kvm_device: Path = KVM_DEVICE,
 ) -> AccelChoice:
@@ -239,10 +241,12 @@ def _run_probe(qemu: str, accel: str, deadline: float, workdir: Path) -> _Probe:
                 stdout=subprocess.DEVNULL,
                 stderr=stderr_file,
                 start_new_session=True,
+                preexec_fn=lifeline.die_with_parent(),
             )
         except OSError as error:
             reason = f"{label} probe could not start {qemu}: {error}"
             return _Probe(works=False, reason=reason, deadline=deadline, argv=argv)
+        lifeline.adopt(proc.pid)  # a KVM guest spinning for ever must not outlive us
         try:
             status = proc.wait(timeout=deadline)
         except subprocess.TimeoutExpired:
@@ -251,6 +255,8 @@ def _run_probe(qemu: str, accel: str, deadline: float, workdir: Path) -> _Probe:
             # Also reached on KeyboardInterrupt: never leave the guest running.
             if proc.returncode is None:
                 _kill_group(proc)
+            if proc.returncode is not None:
+                lifeline.release(proc.pid)
     elapsed = time.monotonic() - start
     stderr = _tail(stderr_path)
 

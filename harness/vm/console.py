@@ -22,16 +22,23 @@ from pathlib import Path
 import pexpect
 import pexpect.fdpexpect
 
-from harness.outcome import BootTimeout, Evidence, KernelFault
+from harness.outcome import BootTimeout, Evidence, KernelFault, TestFailure
 from harness.vm import faults
 from harness.vm.kernel_warnings import WarningPolicy, summary
+from harness.vm.patterns import LineWatcher
+from harness.vm.stalls import StallLimits
 
 log = logging.getLogger(__name__)
 
 MARKER_PREFIX = "[bootharness:"
 _BANNER = re.compile(r"Linux version \S+")
+# Terminal escapes firmware and boot loaders draw with (vt100 cursor moves and colours).
+ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-9;=?]*[A-Za-z]|[()][0-9A-Za-z])")
 # How long to keep reading after a fault so the excerpt holds the whole trace.
 FAULT_GRACE = 0.5
+# How long to keep reading after a failure pattern matched: a kernel fault that follows it
+# (the panic after "VFS: Unable to mount root fs") wins, and the evidence gets what follows.
+FAILURE_GRACE = 1.0
 _POLL = 0.05
 
 
@@ -55,16 +62,22 @@ class ConsoleRecorder:
     started: float
     nonce: str
     expected_boots: InitVar[int] = 1
+    stalls: InitVar[StallLimits | None] = None  # the guest's stall thresholds, the host's load
     policy: WarningPolicy = field(default_factory=WarningPolicy)
     marks: list[Mark] = field(default_factory=list)
+    # (mark name, pattern) looked for in each line before the first kernel banner, escapes
+    # removed: the firmware's and the boot loader's progress (harness.storage.bootpaths).
+    watches: tuple[tuple[str, re.Pattern[str]], ...] = ()
     scanner: faults.FaultScanner = field(init=False)
+    # Failure patterns and kernel phase marks, for inits without markers (harness.vm.patterns).
+    watcher: LineWatcher | None = None
     _chunks: list[str] = field(default_factory=list)
     _partial: str = ""
     raised: set[int] = field(default_factory=set)  # offsets of faults already raised on
 
-    def __post_init__(self, expected_boots: int) -> None:
+    def __post_init__(self, expected_boots: int, stalls: StallLimits | None) -> None:
         # The scanner alone counts boots: a reset on purpose announces one more to it.
-        self.scanner = faults.FaultScanner(expected_boots=expected_boots)
+        self.scanner = faults.FaultScanner(expected_boots=expected_boots, stalls=stalls)
 
     def write(self, chunk: str) -> None:
         now = time.monotonic() - self.started
@@ -73,6 +86,10 @@ class ConsoleRecorder:
         self._chunks.append(chunk)
         for fault in self.scanner.feed(chunk):
             self.marks.append(Mark(f"fault:{fault.name}", now, fault.line.strip()[:120]))
+        if self.watcher is not None:
+            hits, phases = self.watcher.feed(chunk)
+            self.marks += [Mark(name, now, detail) for name, detail, _ in phases]
+            self.marks += [Mark(f"fail:{h.pattern.name}", now, h.line.strip()[:120]) for h in hits]
         lines = (self._partial + chunk).split("\n")
         self._partial = lines.pop()
         for line in lines:
@@ -82,12 +99,25 @@ class ConsoleRecorder:
         return
 
     def _note_line(self, line: str, now: float) -> None:
+        if self.watches and self.mark("kernel-banner") is None:
+            self._watch(ANSI_ESCAPE.sub("", line), now)
         if MARKER_PREFIX in line:
             marker = parse_marker(line, self.nonce)
             if marker is not None:
                 self.marks.append(Mark(marker[0], now, marker[1]))
         elif "Linux version" in line and _BANNER.search(line):
             self.marks.append(Mark("kernel-banner", now))
+
+    def _watch(self, line: str, now: float) -> None:
+        for name, pattern in self.watches:
+            match = pattern.search(line)
+            if match is None:
+                continue
+            detail = (match.groupdict().get("detail") or match.group(0)).strip()[:200]
+            # Two patterns may tell the same thing (GRUB's "Booting `x'" and our own echo).
+            if not any(m.name == name and m.detail == detail for m in self.marks):
+                self.marks.append(Mark(name, now, detail))
+            return
 
     @property
     def text(self) -> str:
@@ -160,6 +190,7 @@ class Console:
         )
         self.child.delaybeforesend = None  # pexpect sleeps 50 ms before each send by default
         self.child.logfile_read = recorder
+        self._closed = False  # the console reached end of file
 
     def reported_warnings(self) -> list[faults.Fault]:
         """The kernel warnings the policy lists (every warning not on the allowlist)."""
@@ -184,6 +215,7 @@ class Console:
         deadline = time.monotonic() + timeout
         while True:
             self.check_faults(phase, timeout)
+            self.check_failures(phase, timeout)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise BootTimeout(
@@ -195,9 +227,15 @@ class Console:
             except pexpect.TIMEOUT:
                 continue
             except pexpect.EOF:
+                self._closed = True
+                self.recorder.scanner.flush()
                 self.check_faults(phase, timeout)
+                if self.recorder.watcher is not None:
+                    self.recorder.watcher.flush()
+                self.check_failures(phase, timeout)
                 raise ConsoleClosed(phase) from None
             self.check_faults(phase, timeout)
+            self.check_failures(phase, timeout)
             match = self.child.match
             assert isinstance(match, re.Match)
             return match
@@ -222,6 +260,8 @@ class Console:
             return
         # Let the rest of the trace (or QEMU's exit after a panic) arrive before judging.
         self._read_rest_of_trace()
+        if not self.recorder.serious_faults() and external is None:
+            return  # a stall report the host's load explains (harness.vm.stalls): a warning
         self.recorder.scanner.flush()
         serious = self.recorder.serious_faults()
         text = self.recorder.text
@@ -263,6 +303,35 @@ class Console:
             if trace:
                 return trace
         return ""
+
+    def check_failures(self, phase: str, timeout: float) -> None:
+        """Raise TestFailure if a failure pattern matched a console line (after a short
+        grace in which a kernel fault, which wins, may still arrive).
+
+        Raises:
+            KernelFault: a fault came during the grace.
+            TestFailure: with the matched line as the reason.
+        """
+        watcher = self.recorder.watcher
+        if watcher is None or not watcher.hits:
+            return
+        self._read_for(FAILURE_GRACE)
+        if self._closed:
+            self.recorder.scanner.flush()  # the last line, if unfinished, may be a fault
+        self.check_faults(phase, timeout)
+        hit = watcher.hits[0]
+        snippet = faults.excerpt(self.recorder.text, hit.offset)
+        raise TestFailure(hit.reason, self._with(phase, timeout, excerpt=snippet))
+
+    def _read_for(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._closed and (remaining := deadline - time.monotonic()) > 0:
+            try:
+                self.child.read_nonblocking(65536, timeout=min(_POLL, remaining))
+            except pexpect.TIMEOUT:
+                continue
+            except pexpect.EOF:
+                self._closed = True
 
     def _read_rest_of_trace(self) -> None:
         deadline = time.monotonic() + FAULT_GRACE

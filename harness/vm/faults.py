@@ -25,6 +25,8 @@ import logging
 import re
 from dataclasses import dataclass, replace
 
+from harness.vm.stalls import STALL_FAULTS, StallLimits, judge
+
 log = logging.getLogger(__name__)
 
 
@@ -59,6 +61,7 @@ class Fault:
     line: str
     offset: int
     excerpt: str
+    note: str = ""  # why a report was judged milder than its row (harness.vm.stalls)
 
 
 # Order matters: the first matching row names the line (see the module docstring).
@@ -258,7 +261,7 @@ class FaultScanner:
         ValueError: ``expected_boots`` is negative.
     """
 
-    def __init__(self, expected_boots: int = 1) -> None:
+    def __init__(self, expected_boots: int = 1, stalls: StallLimits | None = None) -> None:
         if expected_boots < 0:
             raise ValueError(
                 f"FaultScanner: expected_boots={expected_boots} must be 0 or more "
@@ -274,6 +277,10 @@ class FaultScanner:
         self._line_index: list[int] = []
         self._open: set[int] = set()
         self._flushed = False
+        # Stall reports wait for their duration (a later line, for RCU) before they are
+        # judged against the host's load (harness.vm.stalls).
+        self.stalls = stalls or StallLimits()
+        self._unjudged: set[int] = set()
 
     @property
     def faults(self) -> list[Fault]:
@@ -333,6 +340,8 @@ class FaultScanner:
             last_line = line_index
             self._line_index.append(line_index)
             self._open.add(len(self._faults))
+            if fault.name in STALL_FAULTS:
+                self._unjudged.add(len(self._faults))
             self._faults.append(fault)
             found.append(fault)
         if found:
@@ -356,6 +365,13 @@ class FaultScanner:
         return Fault(name, severity, line, self._offsets[line_index], excerpt="")
 
     def _refresh_excerpts(self, final: bool = False) -> None:
+        for number in sorted(self._unjudged):
+            fault = self._faults[number]
+            verdict = judge(fault.name, self._lines, self._line_index[number], self.stalls)
+            if verdict.host_load:
+                self._faults[number] = replace(fault, severity=Severity.WARNING, note=verdict.note)
+            if verdict.settled or final:
+                self._unjudged.discard(number)
         for number in sorted(self._open):
             fault = self._faults[number]
             first, last, settled = _excerpt_bounds(
@@ -368,16 +384,17 @@ class FaultScanner:
                 self._open.discard(number)
 
 
-def classify(text: str, expected_boots: int = 1) -> list[Fault]:
+def classify(text: str, expected_boots: int = 1, stalls: StallLimits | None = None) -> list[Fault]:
     """All faults in a whole console text, in console order.
 
     ``expected_boots`` is the number of ``Linux version`` banners that are not an
-    unexpected reboot (see :class:`FaultScanner`).
+    unexpected reboot (see :class:`FaultScanner`); ``stalls`` the guest's stall thresholds
+    and the host's load factor (default: an idle host, every stall report counts).
 
     Raises:
         ValueError: ``expected_boots`` is negative.
     """
-    scanner = FaultScanner(expected_boots=expected_boots)
+    scanner = FaultScanner(expected_boots=expected_boots, stalls=stalls)
     scanner.feed(text)
     scanner.flush()
     return scanner.faults

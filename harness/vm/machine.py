@@ -7,16 +7,21 @@ the guest runs its first instruction, so no early output can be lost.
 
 No QEMU may outlive the harness: QEMU runs in a session (process group) of its own, gets
 SIGKILL from the kernel when the harness dies (``PR_SET_PDEATHSIG``, even on SIGKILL of
-pytest), and :meth:`Machine.stop` escalates QMP quit -> SIGTERM -> SIGKILL, each bounded.
+pytest), is adopted by the lifeline reaper (:mod:`harness.lifeline`: the kernel forgets the
+death signal when QEMU drops to another user), and :meth:`Machine.stop` escalates QMP quit
+-> SIGTERM -> SIGKILL, each bounded.
+
+QEMU confines itself (:mod:`harness.vm.sandbox`): seccomp on, and an unprivileged user when
+the harness runs as root.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -26,15 +31,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import tools
+from harness import lifeline, tools
 from harness.outcome import Evidence, InfraError
 from harness.vm.console import Console, ConsoleRecorder
 from harness.vm.kernel_warnings import WarningPolicy
+from harness.vm.patterns import FailurePattern, LineWatcher
 from harness.vm.qmp import Qmp, QmpError
+from harness.vm.sandbox import DEFAULT as DEFAULT_SANDBOX
+from harness.vm.sandbox import Sandbox, describe_exit
+from harness.vm.stalls import StallLimits
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 QMP_CONNECT_TIMEOUT = 10.0
 QUIT_GRACE = 2.0
 TERM_GRACE = 2.0
@@ -45,7 +53,7 @@ KILL_GRACE = 5.0
 class MachineSpec:
     """What to boot and on which virtual hardware. Pure data; :meth:`argv` renders it."""
 
-    kernel: Path
+    kernel: Path | None  # None: the firmware boots from a disk (harness.storage.bootpaths)
     initrd: Path | None = None
     cmdline: str = ""
     accel: str = "tcg"
@@ -58,6 +66,7 @@ class MachineSpec:
     devices: Sequence[str] = ()  # -device arguments
     extra_args: Sequence[str] = ()  # anything else, appended verbatim
     qemu: str = "qemu-system-x86_64"
+    sandbox: Sandbox = DEFAULT_SANDBOX  # seccomp, and whom QEMU runs as
 
     def argv(self, *, qmp_fd: int, console_fd: int, console_log: Path) -> list[str]:
         """The full QEMU command line, with the QMP and console descriptors given."""
@@ -81,6 +90,7 @@ class MachineSpec:
         ]
         if self.nodefaults:
             argv.append("-nodefaults")
+        argv += self.sandbox.args(self.qemu)
         argv += [
             "-chardev",
             f"socket,id=qmp0,fd={qmp_fd}",
@@ -97,23 +107,16 @@ class MachineSpec:
             argv += ["-nic", "user,model=virtio-net-pci"]
         elif not self.nodefaults:
             argv += ["-nic", "none"]
-        argv += ["-kernel", str(self.kernel)]
-        if self.initrd is not None:
-            argv += ["-initrd", str(self.initrd)]
-        if self.cmdline:
-            argv += ["-append", self.cmdline]
+        if self.kernel is not None:
+            argv += ["-kernel", str(self.kernel)]
+            if self.initrd is not None:
+                argv += ["-initrd", str(self.initrd)]
+            if self.cmdline:
+                argv += ["-append", self.cmdline]
         for device in self.devices:
             argv += ["-device", device]
         argv += list(self.extra_args)
         return argv
-
-
-def _die_with_parent(parent: int) -> None:
-    """Runs in the child before exec: SIGKILL QEMU when the harness process dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 _LIVE: weakref.WeakSet[Machine] = weakref.WeakSet()
@@ -141,15 +144,25 @@ class Machine:
         *,
         nonce: str,
         expected_boots: int = 1,
+        failure_rows: Sequence[FailurePattern] = (),
+        kernel_phases: bool = False,
+        watches: tuple[tuple[str, re.Pattern[str]], ...] = (),
         warnings: WarningPolicy = DEFAULT_POLICY,
         symbolise: Callable[[str, int], str] = lambda text, offset: "",
+        stalls: StallLimits | None = None,
     ):
         self.spec = spec
         self.workdir = workdir
         self.nonce = nonce
         self.expected_boots = expected_boots
+        # Console verdicts for inits without markers (harness.vm.patterns): the failure rows
+        # to watch for, and whether the kernel's own messages mark the phases.
+        self.failure_rows = tuple(failure_rows)
+        self.kernel_phases = kernel_phases
+        self.watches = watches  # console patterns of the firmware and loader to mark
         self.warnings = warnings  # what kernel warnings do to the boot
         self.symbolise = symbolise  # (console text, fault offset) -> symbolised trace
+        self.stalls = stalls  # how the console judges stall reports (harness.vm.stalls)
         self.argv: list[str] = []
         self.started = 0.0
         self.process: subprocess.Popen[bytes] | None = None
@@ -210,7 +223,6 @@ class Machine:
         )
         argv[0] = qemu
         self.argv = argv
-        parent = os.getpid()
         log.info("starting %s", " ".join(argv))
         with self.stderr_path.open("wb") as stderr:
             self.started = time.monotonic()
@@ -222,17 +234,27 @@ class Machine:
                     stderr=stderr,
                     pass_fds=(qmp_theirs.fileno(), console_theirs.fileno()),
                     start_new_session=True,
-                    preexec_fn=lambda: _die_with_parent(parent),
+                    preexec_fn=lifeline.die_with_parent(),
                     cwd=self.workdir,
                 )
             finally:
                 qmp_theirs.close()
                 console_theirs.close()
+        lifeline.adopt(self.process.pid)
         _LIVE.add(self)
         (self.workdir / "qemu.pid").write_text(f"{self.process.pid}\n")
         (self.workdir / "qemu.argv").write_text("\n".join(argv) + "\n")
+        watcher = None
+        if self.failure_rows or self.kernel_phases:
+            watcher = LineWatcher(self.failure_rows, phases=self.kernel_phases)
         recorder = ConsoleRecorder(
-            self.started, self.nonce, self.expected_boots, policy=self.warnings
+            self.started,
+            self.nonce,
+            self.expected_boots,
+            self.stalls,
+            watcher=watcher,
+            watches=self.watches,
+            policy=self.warnings,
         )
         self._console = Console(
             console_ours,
@@ -308,6 +330,9 @@ class Machine:
         status = self.poll()
         stderr = self.stderr_text().strip()
         last = stderr.splitlines()[-1] if stderr else "(no message on stderr)"
+        explained = describe_exit(status)
+        if explained:
+            last = f"{explained}; {last}"
         return InfraError(f"QEMU {what} (exit status {status}): {last}", self.evidence())
 
     def stop(self) -> int | None:
@@ -337,6 +362,8 @@ class Machine:
         if self.process.poll() is None:
             self._signal_group(signal.SIGKILL)
         self.exit_status = self.wait(KILL_GRACE)
+        if self.exit_status is not None:
+            lifeline.release(self.process.pid)
         if self._qmp is not None:
             self._qmp.close()
         if self._console is not None:

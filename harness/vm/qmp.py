@@ -106,6 +106,28 @@ class Qmp:
         args = {key.replace("_", "-"): value for key, value in arguments.items()} or None
         return self._call(self._client.execute(name, args), timeout, name)
 
+    def command_with_fd(
+        self, fd: int, name: str, *, timeout: float = 10.0, **arguments: Any
+    ) -> Any:
+        """Execute ``name`` with the open file ``fd`` passed along (SCM_RIGHTS): ``getfd``
+        and ``add-fd`` take the descriptor that arrives with them. Our copy stays open.
+
+        QEMU in its sandbox may neither open files after it dropped privileges nor run
+        ``exec:`` helpers; a descriptor we opened is how it reaches a file then.
+
+        Raises:
+            QmpError: as :meth:`command`.
+        """
+        args = {key.replace("_", "-"): value for key, value in arguments.items()} or None
+
+        async def send_and_execute() -> Any:
+            # Both on the loop's thread, back to back: QEMU ties the descriptor to the
+            # next command it reads.
+            self._client.send_fd_scm(fd)
+            return await self._client.execute(name, args)
+
+        return self._call(send_and_execute(), timeout, name)
+
     @property
     def events(self) -> list[QmpEvent]:
         """Every event received so far, oldest first (a copy)."""

@@ -30,7 +30,7 @@ from harness.snapshot import restore as snapshot
 from harness.snapshot import store as snapshot_store
 from harness.storage import disks
 from harness.storage.controllers import Disk
-from harness.vm.boot import BootRequest
+from harness.vm.boot import BootRequest, Vm
 
 
 def lines_after(text: str, marker: str) -> list[str]:
@@ -141,11 +141,23 @@ def test_two_restored_vms_do_not_see_each_others_disk_writes(boot, tmp_path: Pat
 
 
 def test_cold_boot_marker_opts_out(boot, request: pytest.FixtureRequest) -> None:
+    # The snapshot marker asks for a snapshot start; cold_boot must win over it. Without the
+    # cold_boot marker honoured, this VM would get a SnapshotStart plan and resume.
+    request.node.add_marker(pytest.mark.snapshot)
     request.node.add_marker(pytest.mark.cold_boot)
     vm = boot(variables={"commands": ["true"]})
     vm.expect_pass()
-    assert not isinstance(vm, snapshot.SnapshotVm)
+    assert vm.start_plan is None and vm.boot_mechanism == "cold"
     assert vm.marks[1].name == "first-byte" and vm.machine.console.recorder.mark("kernel-banner")
+
+
+def test_snapshot_marker_alone_starts_from_a_snapshot(boot, request: pytest.FixtureRequest) -> None:
+    """The counterpart of the test above: the same VM with only the snapshot marker resumes."""
+    request.node.add_marker(pytest.mark.snapshot)
+    vm = boot(variables={"commands": ["true"]})
+    vm.expect_pass()
+    assert isinstance(vm.start_plan, snapshot.SnapshotStart)
+    assert vm.boot_mechanism in snapshot_store.MECHANISMS, vm.start_plan.note
 
 
 # -- a private cache: snapshots made and broken on purpose
@@ -160,7 +172,7 @@ class Made:
 
 def private_vm(
     kernel: Kernel, root: Path, workdir: Path, commands: list[str], **options: object
-) -> snapshot.SnapshotVm:
+) -> Vm:
     spec = InitramfsSpec(variables={"commands": commands}, **options)  # type: ignore[arg-type]
     return snapshot.prepare_vm(BootRequest(kernel, spec), cache_root=root, workdir=workdir)
 
@@ -245,20 +257,26 @@ def copy_snapshot(made: Made, root: Path) -> Path:
     return target
 
 
-def test_truncated_snapshot_is_detected_and_the_test_boots_cold(
-    made: Made, kernel: Kernel, tmp_path: Path
+@pytest.mark.parametrize("saved", [snapshot_store.STATE_FILE, snapshot_store.RAM_FILE])
+def test_truncated_snapshot_file_is_detected_and_made_again_and_the_test_passes(
+    made: Made, kernel: Kernel, tmp_path: Path, saved: str
 ) -> None:
+    if saved == snapshot_store.RAM_FILE and made.snapshot.mechanism != "shared-ram":
+        pytest.skip("the stream mechanism keeps no RAM file")
     root = tmp_path / "cache"
     entry = copy_snapshot(made, root)
-    state = entry / snapshot_store.STATE_FILE
-    with state.open("r+b") as handle:
-        handle.truncate(state.stat().st_size - 4096)
-    with private_vm(kernel, root, tmp_path / "vm", ["true"]) as vm:
-        with pytest.warns(snapshot_errors.SnapshotWarning, match="truncated"):
+    file = entry / saved
+    old_identity = (entry / snapshot_store.MANIFEST).stat().st_ino
+    with file.open("r+b") as handle:
+        handle.truncate(file.stat().st_size - 4096)
+    with private_vm(kernel, root, tmp_path / "vm", ["echo remade"]) as vm:
+        with pytest.warns(snapshot_errors.SnapshotWarning, match="truncated.*made again"):
             vm.start()
         vm.expect_pass()
-    assert vm.boot_mechanism == "cold" and vm.machine.console.recorder.mark("kernel-banner")
-    assert not entry.exists(), "a corrupt snapshot is discarded"
+    assert vm.boot_mechanism == made.snapshot.mechanism, "restored from the new snapshot"
+    assert vm.start_plan.created and vm.machine.console.recorder.mark("kernel-banner") is None
+    assert (entry / snapshot_store.MANIFEST).stat().st_ino != old_identity
+    assert snapshot_store.load(entry).path == entry, "the new snapshot passes every check"
 
 
 def test_snapshot_that_fails_to_restore_is_discarded_and_the_test_boots_cold(

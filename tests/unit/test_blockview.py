@@ -122,8 +122,13 @@ def test_guest_commands_run_under_busybox_and_print_a_parsable_view() -> None:
         timeout=30,
     ).stdout
     view = blockview.parse_guest(blockview.between_markers(out, "NONCE"))
-    host_disks = {
-        p.name for p in Path("/sys/block").iterdir() if not p.name.startswith(("loop", "ram"))
-    }
-    assert set(view.disks) <= host_disks
-    assert view.pci or not any(Path("/sys/bus/pci/devices").glob("*"))
+    not_disks = ("loop", "ram", "zram", "sr", "fd", "md", "dm-")  # what the view leaves out
+    host_disks = {p.name for p in Path("/sys/block").iterdir() if not p.name.startswith(not_disks)}
+    assert host_disks, "this host has no block device to compare with"
+    # Every disk of the host, no more, each with the size /sys says (independently read).
+    assert set(view.disks) == host_disks
+    for name, disk in view.disks.items():
+        sectors = int((Path("/sys/block") / name / "size").read_text())
+        assert disk.size == sectors * 512, name
+    host_pci = list(Path("/sys/bus/pci/devices").glob("*"))
+    assert bool(view.pci) == bool(host_pci)

@@ -76,7 +76,7 @@ def test_plan_shares_one_controller_and_gives_units_in_order() -> None:
     overlays = [Path(f"/vm/disk{i}.qcow2") for i in range(3)]
     assert placed.drive_args(overlays)[:2] == [
         "-drive",
-        "if=none,id=disk0,file=/vm/disk0.qcow2,format=qcow2",
+        "if=none,id=disk0,file=/vm/disk0.qcow2,format=qcow2,file.auto-read-only=off",
     ]
 
 
@@ -122,7 +122,15 @@ def test_bad_placements_are_config_errors(disks: list[Disk], machine: str, messa
 
 
 def test_pc_machine_versions_count_as_pc() -> None:
-    controllers.plan([Disk(image(), "ide")], machine="pc-i440fx-7.2,accel=tcg")
+    # The pc machine's built-in IDE is accepted on a versioned pc machine, as on "pc" itself...
+    versioned = controllers.plan([Disk(image(), "ide")], machine="pc-i440fx-7.2,accel=tcg")
+    plain = controllers.plan([Disk(image(), "ide")], machine="pc")
+    assert versioned.device_args() == plain.device_args()
+    assert versioned.modules == plain.modules == ("ata_piix", "sd_mod")
+    # ... and refused on a q35 machine (versioned or not), which has no PIIX IDE.
+    for machine in ("q35", "pc-q35-7.2"):
+        with pytest.raises(ConfigError, match="ide"):
+            controllers.plan([Disk(image(), "ide")], machine=machine)
 
 
 def test_storage_adds_the_root_file_system_driver_only_for_a_root() -> None:

@@ -23,6 +23,15 @@ CONSOLE = Path(__file__).resolve().parents[1] / "data" / "console"
 # What each real log (see tests/data/console/README.md) must classify as, in order.
 EXPECTED: dict[str, list[tuple[str, Severity, str]]] = {
     "clean-poweroff.log": [],
+    # Debian systems (systemd, initramfs-tools, dracut): their failures are userland's, the
+    # console patterns' business (harness.vm.patterns); the kernel itself reports no fault.
+    "distro-dracut-degraded-raid1-waiting.log": [],
+    "distro-dracut-luks-keyfile-ok.log": [],
+    "distro-dracut-missing-fstab.log": [],
+    "distro-dracut-wrong-passphrase.log": [],
+    "distro-initramfs-tools-luks-keyfile-ok.log": [],
+    "distro-initramfs-tools-missing-fstab.log": [],
+    "distro-initramfs-tools-wrong-passphrase.log": [],
     "sysrq-panic.log": [
         (
             "panic",
@@ -94,6 +103,29 @@ EXPECTED: dict[str, list[tuple[str, Severity, str]]] = {
         ),
         ("oops", Severity.ERROR, "[    1.816446] Oops: 0002 [#1] PREEMPT SMP NOPTI"),
         ("panic", Severity.FATAL, "[    1.824108] Kernel panic - not syncing: Fatal exception"),
+    ],
+    # Foreign initramfs images (tests/unit/test_patterns.py judges their root failures): a
+    # generator that cannot find the root is no kernel fault; the kernel's own root failures are.
+    "initramfs-tools-ok.log": [],
+    "initramfs-tools-missing-root.log": [],
+    "initramfs-tools-shell.log": [],
+    "dracut-ok.log": [],
+    "dracut-missing-root.log": [],
+    "kernel-no-root.log": [
+        (
+            "panic",
+            Severity.FATAL,
+            "[    6.611979] Kernel panic - not syncing: VFS: Unable to mount root fs on "
+            "unknown-block(0,0)",
+        ),
+    ],
+    "kernel-no-init.log": [
+        (
+            "panic",
+            Severity.FATAL,
+            "[    6.261027] Kernel panic - not syncing: No working init found.  Try passing "
+            "init= option to kernel. See Linux Documentation/admin-guide/init.rst for guidance.",
+        ),
     ],
 }
 
