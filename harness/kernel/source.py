@@ -132,10 +132,11 @@ class Plan:
 
     @property
     def build_dir(self) -> Path:
-        """``make O=``: one per tree and config, reused by every state, so builds are
-        incremental across commits and edits."""
-        parts = [self.tree_id, self.compiler, f"debug={self.debug_info}"]
-        parts += [part for pair in self.config_inputs for part in pair]
+        """``make O=``: one per tree, base config and compiler, reused by every tree state and
+        fragment, so builds are incremental across commits, edits and option changes (kbuild
+        recompiles what depends on a changed option). Debug info changes every object: it
+        gets a folder of its own."""
+        parts = [self.tree_id, self.compiler, f"debug={self.debug_info}", *self.config_inputs[0]]
         return self.root / "build" / cache.digest(parts)[:16]
 
     @property

@@ -131,7 +131,8 @@ def read_objdump(text: str) -> SymbolTable:
         if match is None:
             continue
         flags = line[len(match.group(1)) + 1 : len(match.group(1)) + 8]
-        if "F" not in flags:
+        # Functions, and the assembly entry points of code sections (no F flag, no size).
+        if "F" not in flags and "text" not in match.group(2):
             continue
         symbols.append(
             Symbol(match.group(4), int(match.group(1), 16), int(match.group(3), 16), match.group(2))

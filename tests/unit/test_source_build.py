@@ -46,14 +46,15 @@ def test_keys_follow_tree_state_config_and_fragments(tmp_path: Path) -> None:
     assert edited.key != first.key
     assert edited.build_dir == first.build_dir  # ...built incrementally in the same folder
 
-    extra.write_text("CONFIG_A=m\n")  # another config: another key and another build folder
+    extra.write_text("CONFIG_A=m\n")  # another option: another key, the same build folder
     other = source.plan(base, cache, progress=False)
-    assert other.key != edited.key and other.build_dir != edited.build_dir
+    assert other.key != edited.key and other.build_dir == edited.build_dir
+    defconfig = source.plan(dataclasses.replace(base, config="defconfig"), cache, progress=False)
+    assert defconfig.build_dir != other.build_dir  # another base config: another folder
 
     debug = source.plan(dataclasses.replace(base, debug_info=True), cache, progress=False)
     assert debug.build_dir != other.build_dir
     assert [name for name, _ in debug.config_inputs][-1] == "debug"
-    assert source.plan(dataclasses.replace(base, config="defconfig"), cache, progress=False)
 
 
 def test_a_tree_configured_in_place_is_refused_before_make(tmp_path: Path) -> None:
