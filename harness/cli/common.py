@@ -179,6 +179,7 @@ def attach(child: Any) -> None:
     mode, bytes copied both ways. Reads go through pexpect so the console log keeps them.
     """
     fd_in, fd_out, console_fd = sys.stdin.fileno(), sys.stdout.fileno(), child.child_fd
+    console_input = child.sink_fd
     pending = child.buffer  # text read past the last match (the shell's first prompt)
     child.buffer = ""
     if pending:
@@ -197,7 +198,7 @@ def attach(child: Any) -> None:
             if fd_in in readable:
                 data = os.read(fd_in, 1024)
                 keep = data.split(ESCAPE, 1)[0]
-                write_all(console_fd, keep)
+                write_all(console_input, keep)
                 if not data or keep != data:
                     return
     finally:

@@ -265,9 +265,10 @@ class Vm:
         self, spec: MachineSpec, workdir: Path, *, nonce: str, expected_boots: int
     ) -> Machine:
         """Put another machine in place before launch (for a :class:`StartPlan`): a restored
-        snapshot's, or the cold boot it falls back to. The nonce goes with the machine."""
-        if self.machine.launched:
-            raise RuntimeError("use_machine: the VM's QEMU was launched already")
+        snapshot's, or the cold boot it falls back to (after a failed restore, whose QEMU
+        has ended). The nonce goes with the machine."""
+        if self.machine.launched and self.machine.poll() is None:
+            raise RuntimeError("use_machine: the VM's QEMU is still running")
         self.spec, self.nonce = spec, nonce
         self.machine = Machine(spec, workdir, nonce=nonce, expected_boots=expected_boots)
         return self.machine
