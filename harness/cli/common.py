@@ -1,14 +1,16 @@
-"""What the ``bootharness`` commands share: the parser class, common options, the catalogue
-and cache of a command line, the initramfs spec it asks for, run folders, and the terminal.
+"""What the ``bootharness`` commands share: the image and boot options, the catalogue and
+cache of a command line, the initramfs spec it asks for, run folders, and the terminal
+(the parser class, global options and number checks live in :mod:`harness.cli.parsing`;
+they are named here too, for the command modules).
 
 Every command module imports these from here (never from another command module), so the
-CLI's imports run one way: common <- commands <- main.
+CLI's imports run one way: parsing <- common <- commands <- main (which reaches the one
+command it runs by name).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import select
 import sys
@@ -18,12 +20,17 @@ import tty
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import pexpect
 
 from harness import compression
 from harness.cache import cache_root
+from harness.cli.parsing import USAGE_EXIT as USAGE_EXIT
+from harness.cli.parsing import Parser as Parser
+from harness.cli.parsing import add_global_options as add_global_options
+from harness.cli.parsing import positive as positive
+from harness.cli.parsing import setup_logging as setup_logging
 from harness.image import initramfs, templates
 from harness.kernel.catalogue import (
     SHIPPED_CATALOGUE,
@@ -32,37 +39,10 @@ from harness.kernel.catalogue import (
     find_catalogue,
     load_catalogue,
 )
-from harness.outcome import ConfigError, Outcome
+from harness.outcome import ConfigError
 from harness.vm.accel import VALID_REQUESTS, KvmFallbackWarning, choose_accelerator
 
-USAGE_EXIT = Outcome.CONFIG_ERROR.cli_exit
 ESCAPE = b"\x1d"  # Ctrl-], as telnet and virsh console use
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse exits 2 on a usage error; bootharness exits 5, the CONFIG_ERROR code."""
-
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(USAGE_EXIT, f"{self.prog}: error: {message}\n")
-
-
-def add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
-    def default(value: Any) -> Any:
-        return argparse.SUPPRESS if suppress else value
-
-    parser.add_argument(
-        "--kernels", metavar="FILE", default=default(None), help="kernels.toml to use"
-    )
-    parser.add_argument(
-        "--cache",
-        metavar="DIR",
-        default=default(None),
-        help="cache folder (default: $BOOTHARNESS_CACHE or ~/.cache/bootharness)",
-    )
-    parser.add_argument(
-        "-v", "--verbose", action="count", default=default(0), help="log more (-vv: debug)"
-    )
 
 
 def image_options() -> Parser:
@@ -89,22 +69,6 @@ def image_options() -> Parser:
     )
     image.add_argument("-c", "--compression", choices=compression.METHODS, default="gzip")
     return image
-
-
-def positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
-    return value
-
-
-def setup_logging(verbosity: int) -> None:
-    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
-    logging.basicConfig(stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("harness").setLevel(level)
 
 
 def catalogue_of(args: argparse.Namespace) -> Catalogue:

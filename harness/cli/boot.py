@@ -1,0 +1,59 @@
+"""``bootharness boot``: boot one kernel with an initramfs from a template, print the report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from harness.cli.common import (
+    accelerator,
+    add_boot_options,
+    attach,
+    cache_of,
+    catalogue_of,
+    image_options,
+    initramfs_spec,
+    new_run_dir,
+    one_kernel,
+)
+from harness.kernel.provision import provision
+from harness.outcome import ConfigError
+from harness.vm import boot
+from harness.vm.deadlines import Deadlines
+
+
+def register(commands: Any, common: argparse.ArgumentParser) -> None:
+    """Add ``boot``."""
+    run = commands.add_parser(
+        "boot", parents=[common, image_options()], help="boot a kernel under QEMU"
+    )
+    add_boot_options(run)
+    run.add_argument(
+        "--shell", action="store_true", help="after the init succeeds, attach to a shell"
+    )
+    run.set_defaults(func=cmd_boot)
+
+
+def cmd_boot(args: argparse.Namespace) -> int:
+    if args.shell and not sys.stdin.isatty():
+        raise ConfigError("--shell needs a terminal on stdin; run it from an interactive shell")
+    root = cache_of(args)
+    kernel = provision(one_kernel(catalogue_of(args), args.kernel), root)
+    accel = accelerator(args.accel, root)
+    deadlines = Deadlines.from_options(args.boot_timeout, args.timeout_multiplier)
+    spec = initramfs_spec(args, after="shell" if args.shell else None)
+    request = boot.BootRequest(kernel, spec, accel=accel, deadlines=deadlines, cmdline=args.cmdline)
+    vm = boot.prepare_vm(
+        request, cache_root=root, workdir=args.workdir or new_run_dir(root, kernel.name)
+    )
+    if args.shell:
+        with vm:
+            vm.start()
+            vm.expect_pass()
+            print("console attached; Ctrl-] to leave", file=sys.stderr, flush=True)
+            attach(vm.console.child)
+        return 0
+    result = boot.run(vm, kernel=kernel, accel=accel)
+    print(result.render())
+    return result.outcome.cli_exit
