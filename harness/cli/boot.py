@@ -54,6 +54,6 @@ def cmd_boot(args: argparse.Namespace) -> int:
             print("console attached; Ctrl-] to leave", file=sys.stderr, flush=True)
             attach(vm.console.child)
         return 0
-    result = boot.run(vm, kernel=kernel, accel=accel)
+    result = boot.run(vm, kernel=kernel, accel=accel, cache_root=root)
     print(result.render())
     return result.outcome.cli_exit

@@ -174,7 +174,7 @@ def make_plan(
     base = machine_spec(kernel, image, nonce="", accel=accel, cmdline=cmdline, **machine_options)
     key_parts = {
         "format": FORMAT,
-        "qemu": qemu_identity(base.qemu),
+        "qemu": qemu_identity(base.qemu, cache_root=cache_root),
         "accel": accel,
         "kernel": f"{kernel_identity} {base.kernel.name}",
         "initramfs": image.digest,
@@ -255,14 +255,20 @@ def _disk_fields(storage: Storage | None) -> list[dict[str, Any]]:
     return fields
 
 
-def qemu_identity(qemu: str = "qemu-system-x86_64") -> str:
-    """A digest of the QEMU binary's content and its version string.
+def qemu_identity(qemu: str = "qemu-system-x86_64", *, cache_root: Path | None = None) -> str:
+    """A digest of the QEMU binary's content and its version string (with a cache, both are
+    kept there while the binary is unchanged: hashing 18 MB costs more than a restore).
 
     Raises:
         MissingToolError: QEMU is not installed.
     """
-    path = Path(tools.require(qemu))
-    return cache.digest([content_digest(path.resolve()), qemu_version(qemu)])
+    path = Path(tools.require(qemu)).resolve()
+    if cache_root is None:
+        content = content_digest(path)
+    else:
+        record = cache_root / "qemu" / f"content-{cache.digest([str(path)])[:16]}.json"
+        content = cache.remembered_digest(path, record, content_digest)
+    return cache.digest([content, qemu_version(qemu, cache_root=cache_root)])
 
 
 def go_line(nonce: str, rest: str, *, epoch: float | None = None) -> str:

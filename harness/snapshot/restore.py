@@ -63,8 +63,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock
-
 from harness import cache
 from harness.outcome import ConfigError, HarnessError, InfraError
 from harness.snapshot.errors import (
@@ -236,7 +234,7 @@ def unsupported_mechanisms(cache_root: Path, qemu: str) -> dict[str, str]:
 def _mark_unsupported(cache_root: Path, qemu: str, mechanism: str, reason: str) -> None:
     path = _unsupported_path(cache_root, qemu)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
+    with cache.locked(str(path) + ".lock"):
         known = unsupported_mechanisms(cache_root, qemu)
         known[mechanism] = reason
         partial = path.with_suffix(f".{os.getpid()}.partial")

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
+from harness import cache
 from harness.snapshot.errors import SnapshotCorrupt
 
 log = logging.getLogger(__name__)
@@ -177,7 +176,7 @@ def discard(path: Path, reason: str, *, only: Snapshot | None = None) -> bool:
     discarded and rebuilt it meanwhile. A QEMU still restoring from it keeps its open
     files. Returns True if something was removed.
     """
-    with FileLock(str(path) + ".lock"):
+    with cache.locked(str(path) + ".lock"):
         if not path.exists():
             return False
         if only is not None:

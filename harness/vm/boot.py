@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from harness import tools
+from harness import cache, tools
 from harness.image.initramfs import Initramfs, InitramfsSpec
 from harness.image.initramfs import build as build_initramfs
 from harness.kernel.provision import Kernel
@@ -53,12 +53,30 @@ def new_nonce() -> str:
     return secrets.token_hex(8)
 
 
+def qemu_version(qemu: str = "qemu-system-x86_64", *, cache_root: Path | None = None) -> str:
+    """QEMU's version string, e.g. ``7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)``; with a
+    cache, kept there while the binary is unchanged (``qemu --version`` is a process start,
+    10-50 ms, in every process that reports a boot).
+
+    Raises:
+        MissingToolError: QEMU is not installed.
+    """
+    path = tools.require(qemu)
+    if cache_root is None:
+        return _qemu_version(path)
+    record = cache_root / "qemu" / f"version-{cache.digest([path])[:16]}.json"
+    known = cache.recall(record, path)
+    if isinstance(known, str):
+        return known
+    before = cache.file_identity(Path(path))
+    value = _qemu_version(path)
+    cache.remember(record, path, value, [before])
+    return value
+
+
 @functools.cache
-def qemu_version(qemu: str = "qemu-system-x86_64") -> str:
-    """QEMU's version string, e.g. ``7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)``."""
-    out = subprocess.run(
-        [tools.require(qemu), "--version"], capture_output=True, text=True, check=False
-    ).stdout
+def _qemu_version(path: str) -> str:
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, check=False).stdout
     match = re.search(r"version (.+)", out)
     return match.group(1).strip() if match else "unknown"
 
@@ -411,8 +429,16 @@ class Vm:
         self.stop()
 
 
-def run(vm: Vm, *, kernel: Kernel, accel: str, wait_shutdown: bool = True) -> BootResult:
-    """Boot ``vm`` to its success marker and map what happened to one outcome.
+def run(
+    vm: Vm,
+    *,
+    kernel: Kernel,
+    accel: str,
+    wait_shutdown: bool = True,
+    cache_root: Path | None = None,
+) -> BootResult:
+    """Boot ``vm`` to its success marker and map what happened to one outcome (``cache_root``
+    keeps QEMU's version string between runs).
 
     Unknown exceptions are harness bugs: they propagate, QEMU is still stopped.
     """
@@ -435,6 +461,6 @@ def run(vm: Vm, *, kernel: Kernel, accel: str, wait_shutdown: bool = True) -> Bo
         message="" if error is None else error.message,
         marks=marks,
         log_path=vm.machine.console_log,
-        qemu_version=qemu_version(vm.spec.qemu),
+        qemu_version=qemu_version(vm.spec.qemu, cache_root=cache_root),
         error=error,
     )
