@@ -1,9 +1,17 @@
-"""``bootharness boot``: boot one kernel with an initramfs from a template, print the report."""
+"""``bootharness boot``: boot one kernel with an initramfs from a template, print the report.
+
+With ``--snapshot`` the VM starts the way the ``boot`` fixture's ``snapshot=True`` starts one
+(:func:`harness.snapshot.restore.prepare_vm`): from the cached snapshot of its definition,
+made first if there is none, under the same keys and locks; a snapshot that cannot be made or
+used means a cold boot, said on the report's ``start:`` line. Commands that differ only in
+their ``--run`` share one snapshot.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import Any
 
 from harness.cli.common import (
@@ -19,6 +27,8 @@ from harness.cli.common import (
 )
 from harness.kernel.provision import provision
 from harness.outcome import ConfigError
+from harness.snapshot import restore
+from harness.snapshot.errors import SnapshotWarning
 from harness.vm import boot
 from harness.vm.deadlines import Deadlines
 
@@ -32,6 +42,15 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--shell", action="store_true", help="after the init succeeds, attach to a shell"
     )
+    run.add_argument(
+        "--snapshot",
+        nargs="?",
+        const=restore.AUTO,
+        choices=[mode for mode in restore.MODES if mode != "off"],
+        metavar="MECHANISM",
+        help="start from a booted snapshot (made first if the cache has none; auto, "
+        "shared-ram or stream; default auto); boots cold when none can be made or used",
+    )
     run.set_defaults(func=cmd_boot)
 
 
@@ -44,16 +63,21 @@ def cmd_boot(args: argparse.Namespace) -> int:
     deadlines = Deadlines.from_options(args.boot_timeout, args.timeout_multiplier)
     spec = initramfs_spec(args, after="shell" if args.shell else None)
     request = boot.BootRequest(kernel, spec, accel=accel, deadlines=deadlines, cmdline=args.cmdline)
-    vm = boot.prepare_vm(
-        request, cache_root=root, workdir=args.workdir or new_run_dir(root, kernel.name)
-    )
-    if args.shell:
-        with vm:
-            vm.start()
-            vm.expect_pass()
-            print("console attached; Ctrl-] to leave", file=sys.stderr, flush=True)
-            attach(vm.console.child)
-        return 0
-    result = boot.run(vm, kernel=kernel, accel=accel, cache_root=root)
+    workdir = args.workdir or new_run_dir(root, kernel.name)
+    if args.snapshot is not None:
+        vm = restore.prepare_vm(request, cache_root=root, workdir=workdir, mechanism=args.snapshot)
+    else:
+        vm = boot.prepare_vm(request, cache_root=root, workdir=workdir)
+    with warnings.catch_warnings():
+        # A cold boot instead of a snapshot is said once: on the report's start line.
+        warnings.simplefilter("ignore", SnapshotWarning)
+        if args.shell:
+            with vm:
+                vm.start()
+                vm.expect_pass()
+                print("console attached; Ctrl-] to leave", file=sys.stderr, flush=True)
+                attach(vm.console.child)
+            return 0
+        result = boot.run(vm, kernel=kernel, accel=accel, cache_root=root)
     print(result.render())
     return result.outcome.cli_exit

@@ -176,6 +176,27 @@ def _remembered(found: dict[str, Any]) -> Initramfs:
     return Initramfs(Path(found["path"]), found["digest"], False, modules, found["init_script"])
 
 
+def render_init(spec: InitramfsSpec, module_paths: Sequence[str], cache_root: Path) -> str:
+    """The /init ``spec`` renders with its modules at ``module_paths`` (as :func:`build` would
+    put it in an image), kept as a recipe record while the template folders, their files and
+    the code are unchanged: a snapshot restore renders each test's own script.
+
+    Raises:
+        TemplateError: as :func:`harness.image.templates.render`.
+    """
+    variables = template_variables(spec, module_paths)
+    folders = templates.template_dirs(spec.template_dirs)
+    parts = {"script": _FORMAT, "template": spec.template, "variables": variables, "dirs": folders}
+    plan = recipe.recipe(parts, cache_root=cache_root, files=_CODE, folders=folders, trees=())
+    found = plan.recall() if plan is not None else None
+    if found is not None and isinstance(found.get("script"), str):
+        return str(found["script"])
+    script = templates.render(spec.template, variables, extra_dirs=spec.template_dirs)
+    if plan is not None:
+        plan.keep({"script": script}, [])
+    return script
+
+
 def resolve_modules(kernel: Kernel, names: Sequence[str]) -> list[ModuleFile]:
     """Module files for ``names`` and their dependencies, in load order, vermagic-checked."""
     if not names:

@@ -39,7 +39,7 @@ from typing import Any
 
 from harness import cache, tools
 from harness.image import templates
-from harness.image.initramfs import Initramfs, InitramfsSpec, module_path, template_variables
+from harness.image.initramfs import Initramfs, InitramfsSpec, module_path, render_init
 from harness.image.initramfs import build as build_initramfs
 from harness.kernel.provision import Kernel
 from harness.snapshot.errors import SnapshotUnsupported
@@ -162,9 +162,7 @@ def make_plan(
     head, _ = split_script(image.init_script, template=spec.template)
     paths = ["/" + module_path(kernel.release, module) for module in image.modules]
     own = replace(full, variables=ready_variables)
-    script = templates.render(
-        spec.template, template_variables(own, paths), extra_dirs=spec.template_dirs
-    )
+    script = render_init(own, paths, cache_root)
     own_head, rest = split_script(script, template=spec.template)
     if own_head != head:
         raise SnapshotUnsupported(

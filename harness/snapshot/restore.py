@@ -365,6 +365,15 @@ class SnapshotStart:
             discard(snapshot.path, f"restore failed: {error.message}", only=snapshot)
             self._boot_cold(vm, SnapshotError(f"restoring {snapshot.path} failed: {error.message}"))
 
+    def describe(self, vm: Vm) -> str:
+        """``<mechanism> snapshot`` (``, made now`` when this start made it), or ``cold``
+        with the reason a snapshot was not used."""
+        if vm.boot_mechanism not in ("cold", "pending"):
+            return f"{vm.boot_mechanism} snapshot" + (", made now" if self.created else "")
+        if self.note is not None:
+            return f"cold (no snapshot: {self.note})"
+        return vm.boot_mechanism
+
     def _restore(self, vm: Vm, plan: Plan, snapshot: Snapshot) -> None:
         workdir = self.workdir / "restored"
         nonce = new_nonce()

@@ -215,6 +215,7 @@ class BootResult:
     log_path: Path | None = None
     qemu_version: str = ""
     error: HarnessError | None = None
+    start: str = "cold"  # or "<mechanism> snapshot", or why a snapshot was not used
 
     @property
     def boot_time(self) -> float | None:
@@ -227,6 +228,7 @@ class BootResult:
         lines = [
             f"kernel:   {self.kernel} ({self.release})",
             f"qemu:     {self.qemu_version}, accel {self.accel}",
+            f"start:    {self.start}",
             "phases:",
         ]
         lines += [
@@ -250,6 +252,11 @@ class StartPlan(Protocol):
     boot, bringing its own machine through :meth:`Vm.use_machine` before launching it."""
 
     def start(self, vm: Vm) -> None: ...
+
+    def describe(self, vm: Vm) -> str:
+        """How ``vm`` started, for a person: ``shared-ram snapshot``, or the reason it
+        booted cold."""
+        ...
 
 
 class Vm:
@@ -317,6 +324,13 @@ class Vm:
             self.start_plan.start(self)
         else:
             self.boot_cold()
+
+    def start_description(self) -> str:
+        """How this VM started: ``cold``, ``<mechanism> snapshot``, or why a snapshot it was
+        asked to start from was not used."""
+        if self.start_plan is None:
+            return self.boot_mechanism
+        return self.start_plan.describe(self)
 
     def boot_cold(self) -> None:
         """Launch QEMU from the firmware and wait for the kernel to start /init."""
@@ -463,4 +477,5 @@ def run(
         log_path=vm.machine.console_log,
         qemu_version=qemu_version(vm.spec.qemu, cache_root=cache_root),
         error=error,
+        start=vm.start_description(),
     )
