@@ -28,6 +28,7 @@ DEBIAN_PACKAGE: dict[str, str] = {
     "sh": "dash",
     "sfdisk": "fdisk",
     "git": "git",
+    "setpriv": "util-linux",
 }
 
 

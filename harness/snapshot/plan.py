@@ -164,6 +164,8 @@ def make_plan(
     own = replace(full, variables=ready_variables)
     script = render_init(own, paths, cache_root)
     own_head, rest = split_script(script, template=spec.template)
+    if "\0" in rest:  # the init reads the rest with `read -d ""`: a NUL would end it early
+        raise SnapshotUnsupported("the test's own part of the init holds a NUL byte")
     if own_head != head:
         raise SnapshotUnsupported(
             f"init template {spec.template!r} renders the test's commands before its ready "
