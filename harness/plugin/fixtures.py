@@ -23,6 +23,7 @@ from harness.kernel.catalogue import KernelEntry
 from harness.outcome import HarnessError
 from harness.plugin.settings import Settings, matrix_key, passed_key, settings_key, vms_key
 from harness.snapshot import restore as snapshots
+from harness.snapshot import spare
 from harness.storage import attach as storage
 from harness.storage.controllers import Disk
 from harness.vm import accel, loadscale
@@ -171,12 +172,22 @@ def _snapshot_mode(
     return mode
 
 
+@pytest.fixture(scope="session")
+def bootharness_spares(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Where spare QEMUs wait for the next restore of a snapshot (see
+    :mod:`harness.snapshot.spare`): next to the tests' folders, so a spare's files move into
+    the test that takes it; the last spare is stopped when the session ends."""
+    yield tmp_path_factory.mktemp("spares")
+    spare.discard()
+
+
 @pytest.fixture
 def boot(
     request: pytest.FixtureRequest,
     kernel: kernels.Kernel,
     bootharness_accel: accel.AccelChoice,
     bootharness_workdir: Path,
+    bootharness_spares: Path,
 ) -> Iterator[BootVm]:
     """Boot VMs for the kernel under test; every VM is stopped when the test ends.
 
@@ -234,7 +245,11 @@ def boot(
         mode = _snapshot_mode(request, settings, snapshot)
         if mode != "off":
             vm = snapshots.prepare_vm(
-                boot_request, cache_root=settings.cache_dir, workdir=vm_dir, mechanism=mode
+                boot_request,
+                cache_root=settings.cache_dir,
+                workdir=vm_dir,
+                mechanism=mode,
+                spares=bootharness_spares,
             )
         else:
             vm = prepare_vm(boot_request, cache_root=settings.cache_dir, workdir=vm_dir)

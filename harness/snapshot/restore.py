@@ -65,6 +65,7 @@ from pathlib import Path
 
 from harness import cache
 from harness.outcome import ConfigError, HarnessError, InfraError
+from harness.snapshot import spare
 from harness.snapshot.errors import (
     SnapshotCorrupt,
     SnapshotError,
@@ -317,8 +318,11 @@ class SnapshotStart:
         cache_root: Path,
         mechanism: str = AUTO,
         unusable: SnapshotError | None = None,
+        spares: Path | None = None,
     ) -> None:
         self.request = request
+        self.spares = spares
+        self.from_spare = False  # the restore took a spare QEMU started ahead of need
         self.plan = plan
         self.workdir = workdir
         self.cache_root = cache_root
@@ -351,19 +355,27 @@ class SnapshotStart:
         except SnapshotError as error:
             self._boot_cold(vm, error)
             return
-        try:
-            self._restore(vm, self.plan, snapshot)
-        except HarnessError as error:
-            machine = vm.machine
-            if machine.launched and machine.console.recorder.mark("RESUMED") is not None:
-                # The restore worked and the test's own part already failed (a command
-                # that panics the kernel at once): like a cold boot's failure after
-                # INIT-START, the next wait reports it (faults and exits stay recorded).
-                log.debug("failure right after the restore, left to the test: %s", error)
+        for spares in (True, False):
+            try:
+                self._restore(vm, self.plan, snapshot, spares=spares)
                 return
-            machine.stop()
-            discard(snapshot.path, f"restore failed: {error.message}", only=snapshot)
-            self._boot_cold(vm, SnapshotError(f"restoring {snapshot.path} failed: {error.message}"))
+            except HarnessError as error:
+                machine = vm.machine
+                if machine.launched and machine.console.recorder.mark("RESUMED") is not None:
+                    # The restore worked and the test's own part already failed (a command
+                    # that panics the kernel at once): like a cold boot's failure after
+                    # INIT-START, the next wait reports it (faults and exits stay recorded).
+                    log.debug("failure right after the restore, left to the test: %s", error)
+                    return
+                machine.stop()
+                if self.from_spare:  # says nothing about the snapshot: again, without
+                    log.debug("restore with a spare QEMU failed, once more without: %s", error)
+                    continue
+                discard(snapshot.path, f"restore failed: {error.message}", only=snapshot)
+                self._boot_cold(
+                    vm, SnapshotError(f"restoring {snapshot.path} failed: {error.message}")
+                )
+                return
 
     def describe(self, vm: Vm) -> str:
         """``<mechanism> snapshot`` (``, made now`` when this start made it), or ``cold``
@@ -374,28 +386,40 @@ class SnapshotStart:
             return f"cold (no snapshot: {self.note})"
         return vm.boot_mechanism
 
-    def _restore(self, vm: Vm, plan: Plan, snapshot: Snapshot) -> None:
+    def _restore(self, vm: Vm, plan: Plan, snapshot: Snapshot, *, spares: bool) -> None:
         workdir = self.workdir / "restored"
+        if workdir.exists() and not spares:  # a failed attempt with a spare left its files
+            shutil.move(workdir, self.workdir / "restored-spare-failed")
         nonce = new_nonce()
-        spec = plan.machine(
-            workdir,
-            ready_nonce=snapshot.ready_nonce,
-            mechanism=snapshot.mechanism,
-            ram=snapshot.ram_file,
-            share=False,
-            incoming=True,
-        )
         # No banner is expected after a restore: one would be an unexpected reboot.
-        machine = vm.use_machine(
-            spec, workdir, nonce=nonce, expected_boots=max(self.request.expected_boots - 1, 0)
-        )
+        expected_boots = max(self.request.expected_boots - 1, 0)
+        machine = None
+        if self.spares is not None and spares:
+            firmware = vm.deadlines.of("firmware")
+            machine = spare.take(
+                plan, snapshot, workdir, nonce=nonce, expected_boots=expected_boots, wait=firmware
+            )
+        self.from_spare = machine is not None
+        if machine is not None:
+            vm.adopt(machine)
+        else:
+            spec = plan.machine(
+                workdir,
+                ready_nonce=snapshot.ready_nonce,
+                mechanism=snapshot.mechanism,
+                ram=snapshot.ram_file,
+                share=False,
+                incoming=True,
+            )
+            machine = vm.use_machine(spec, workdir, nonce=nonce, expected_boots=expected_boots)
         self.snapshot = snapshot
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "snapshot.txt").write_text(
             f"restored from {snapshot.path} ({snapshot.mechanism})\n"
             f"the boot up to the ready point: {snapshot.path / BOOT_LOG}\n"
         )
-        machine.launch()
+        if not machine.launched:
+            machine.launch()
         recorder = machine.console.recorder
         incoming(machine, snapshot, time.monotonic() + vm.deadlines.of("firmware"))
         recorder.marks.append(Mark("restored", time.monotonic() - recorder.started))
@@ -404,6 +428,8 @@ class SnapshotStart:
         machine.console.send(go_line(nonce, plan.rest) + rest_message(plan.rest))
         vm.boot_mechanism = snapshot.mechanism
         vm.expect_marker("RESUMED", phase="firmware")
+        if self.spares is not None:  # the next restore of this snapshot starts from it
+            spare.prepare(plan, snapshot, self.spares)
 
     def _boot_cold(self, vm: Vm, reason: SnapshotError) -> None:
         message = f"booting cold instead of from a snapshot: {reason.message}"
@@ -419,14 +445,22 @@ class SnapshotStart:
 
 
 def prepare_vm(
-    request: BootRequest, *, cache_root: Path, workdir: Path, mechanism: str = AUTO
+    request: BootRequest,
+    *,
+    cache_root: Path,
+    workdir: Path,
+    mechanism: str = AUTO,
+    spares: Path | None = None,
 ) -> Vm:
     """Set up a VM that starts from a snapshot of its definition (see the module doc).
 
     Takes what :func:`harness.vm.boot.prepare_vm` takes (the request's disks are planned,
     not attached: every restore gets its own overlays), plus the mechanism (``auto``,
     ``shared-ram`` or ``stream``). The VM's :attr:`~harness.vm.boot.Vm.start_plan` is its
-    :class:`SnapshotStart`.
+    :class:`SnapshotStart`. With ``spares`` (a folder on the file system of later VM
+    folders, that lives as long as the process), each restore starts a spare QEMU there
+    for the next restore of the same snapshot (:mod:`harness.snapshot.spare`): for a
+    process that restores many times, such as a test session.
 
     Raises:
         ConfigError: bad template, module or file (see :func:`harness.image.initramfs.build`).
@@ -446,7 +480,13 @@ def prepare_vm(
     except SnapshotUnsupported as error:
         unusable = error
     start = SnapshotStart(
-        request, plan, workdir, cache_root=cache_root, mechanism=mechanism, unusable=unusable
+        request,
+        plan,
+        workdir,
+        cache_root=cache_root,
+        mechanism=mechanism,
+        unusable=unusable,
+        spares=spares,
     )
     if plan is not None:
         # Until start: the machine of the snapshot's definition (its nonce comes at restore).

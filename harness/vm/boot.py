@@ -298,6 +298,13 @@ class Vm:
         self.machine = Machine(spec, workdir, nonce=nonce, expected_boots=expected_boots)
         return self.machine
 
+    def adopt(self, machine: Machine) -> None:
+        """Put an already launched machine in place (a spare QEMU, handed over to this VM's
+        folder and nonce with :meth:`~harness.vm.machine.Machine.hand_over`)."""
+        if self.machine.launched and self.machine.poll() is None:
+            raise RuntimeError("adopt: the VM's QEMU is still running")
+        self.spec, self.nonce, self.machine = machine.spec, machine.nonce, machine
+
     @property
     def console(self) -> Console:
         return self.machine.console

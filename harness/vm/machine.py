@@ -156,6 +156,7 @@ class Machine:
         self.started = 0.0
         self.process: subprocess.Popen[bytes] | None = None
         self._qmp: Qmp | None = None
+        self._qmp_socket: socket.socket | None = None  # between spawn() and connect()
         self._console: Console | None = None
         self.exit_status: int | None = None
 
@@ -183,8 +184,13 @@ class Machine:
 
     @property
     def launched(self) -> bool:
-        """True once QEMU was started (the console and QMP exist)."""
+        """True once QEMU was started (the console exists; QMP too after :meth:`launch`)."""
         return self._console is not None
+
+    @property
+    def ready(self) -> bool:
+        """True once QEMU was started and QMP connected."""
+        return self._qmp is not None
 
     def announce_boot(self) -> None:
         """One more kernel banner is expected (a reset on purpose): the fault scanner then
@@ -193,6 +199,29 @@ class Machine:
         if self._console is not None:
             self._console.recorder.scanner.expected_boots += 1
 
+    def hand_over(self, workdir: Path, *, nonce: str, expected_boots: int) -> None:
+        """Give a launched, still paused machine (a spare started ahead of need) to the VM
+        that will run it: its folder moves to ``workdir`` (which must not exist, or be an
+        empty folder, on the same file system; QEMU's open files move along), its console
+        now expects ``nonce`` and ``expected_boots`` banners, and its clock restarts now.
+
+        Raises:
+            OSError: the folder cannot be moved there.
+        """
+        if self._console is None:
+            raise RuntimeError("hand_over: the machine was not launched")
+        old = str(self.workdir)
+        os.replace(self.workdir, workdir)
+        self.workdir = workdir
+        self.argv = [arg.replace(old, str(workdir)) for arg in self.argv]
+        (workdir / "qemu.argv").write_text("\n".join(self.argv) + "\n")
+        self.nonce, self.expected_boots = nonce, expected_boots
+        self.started = time.monotonic()
+        self._console.log_path = self.console_log
+        recorder = self._console.recorder
+        recorder.nonce, recorder.started = nonce, self.started
+        recorder.scanner.expected_boots = expected_boots
+
     def launch(self) -> None:
         """Start QEMU paused and connect QMP and the console; the guest does not run yet.
 
@@ -200,6 +229,18 @@ class Machine:
             MissingToolError: QEMU is not installed.
             InfraError: QEMU exited at once (bad option, missing file), with its stderr,
                 or QMP did not come up.
+        """
+        self.spawn()
+        self.connect()
+
+    def spawn(self) -> None:
+        """The first half of :meth:`launch`: start the QEMU process (and attach the console).
+
+        Call it from a thread that lives as long as the machine: the kernel sends QEMU its
+        death signal when the *thread* that started it ends, not only the process.
+
+        Raises:
+            MissingToolError: QEMU is not installed.
         """
         qemu = tools.require(self.spec.qemu)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -248,6 +289,19 @@ class Machine:
             external_fault=self._qmp_panic,
             evidence=self.evidence,
         )
+        self._qmp_socket = qmp_ours
+
+    def connect(self) -> None:
+        """The second half of :meth:`launch`: wait for QEMU's QMP greeting and negotiate
+        (any thread may do this).
+
+        Raises:
+            InfraError: QEMU exited at once (bad option, missing file), with its stderr,
+                or QMP did not come up.
+        """
+        qmp_ours = self._qmp_socket
+        assert qmp_ours is not None, "connect() before spawn()"
+        self._qmp_socket = None
         try:
             self._qmp = Qmp(qmp_ours, timeout=QMP_CONNECT_TIMEOUT, log_path=self.qmp_log)
         except QmpError as error:
@@ -345,6 +399,9 @@ class Machine:
         self.exit_status = self.wait(KILL_GRACE)
         if self._qmp is not None:
             self._qmp.close()
+        if self._qmp_socket is not None:  # spawned, never connected
+            self._qmp_socket.close()
+            self._qmp_socket = None
         if self._console is not None:
             self._console.close()
         _LIVE.discard(self)
