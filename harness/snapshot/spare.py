@@ -123,6 +123,12 @@ def take(
     return machine
 
 
+def current() -> Machine | None:
+    """The spare QEMU waiting now, if any (for tests and diagnostics)."""
+    with _LOCK:
+        return None if _SPARE is None else _SPARE.machine
+
+
 def discard() -> None:
     """Stop the spare, if there is one."""
     with _LOCK:
@@ -133,11 +139,15 @@ def _discard_locked() -> None:
     global _SPARE
     if _SPARE is not None:
         spare, _SPARE = _SPARE, None
-        spare.thread.join(30.0)
         _stop(spare)
 
 
 def _stop(spare: _Spare) -> None:
+    """SIGKILL at once: a spare runs no guest yet, there is nothing to shut down cleanly
+    (and a QMP connect still waiting in its thread then fails fast)."""
     with contextlib.suppress(Exception):
-        spare.machine.stop()
+        spare.machine.kill()
+    spare.thread.join(10.0)
+    with contextlib.suppress(Exception):
+        spare.machine.kill()  # closes what the thread may have opened meanwhile
     shutil.rmtree(spare.folder, ignore_errors=True)  # gone already when handed over
