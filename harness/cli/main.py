@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fetch": ("harness.cli.kernels", "download and unpack kernels"),
     "initramfs": ("harness.cli.initramfs", "build or inspect initramfs images"),
     "boot": ("harness.cli.boot", "boot a kernel under QEMU"),
+    "accel": ("harness.cli.accel", "say which accelerator boots use here (KVM or TCG) and why"),
     "bisect": ("harness.cli.bisect", "find the first bad kernel between a good and a bad one"),
     "bisect-step": (
         "harness.cli.bisect",
