@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,9 @@ from harness.image import initramfs as initramfs_module
 from harness.image.initramfs import InitramfsSpec
 from harness.kernel.provision import Kernel
 from harness.outcome import ConfigError, Outcome
+from harness.snapshot import restore
+from harness.snapshot.errors import SnapshotUnsupported, SnapshotWarning
+from harness.snapshot.plan import make_plan
 from harness.vm import boot
 from harness.vm.deadlines import Deadlines
 
@@ -80,6 +84,7 @@ class BootOracle:
     deadlines: Deadlines = field(default_factory=Deadlines)
     cmdline: str = ""
     verdicts: VerdictCache | None = None
+    snapshot: str | None = None  # start each boot from a snapshot made with this mechanism
 
     @property
     def identity(self) -> str:
@@ -88,21 +93,23 @@ class BootOracle:
 
     def __call__(self, name: str) -> Observation:
         kernel = self.kernels(name)
-        # Build the image prepare_vm will boot (same modules, same digest) to key the cache
-        # before booting; prepare_vm's own build is then a cache hit.
-        spec = boot.with_harness_modules(kernel, self.spec)
-        image = initramfs_module.build(kernel, spec, self.cache_root)
-        key = verdict_key(kernel.identity, image.digest, self.identity)
-        if self.verdicts is not None and (hit := self.verdicts.get(key)) is not None:
-            return Observation(hit.outcome, hit.log_path, hit.message, cached=True)
-        started = time.monotonic()
         request = boot.BootRequest(
             kernel, self.spec, accel=self.accel, deadlines=self.deadlines, cmdline=self.cmdline
         )
-        vm = boot.prepare_vm(
-            request, cache_root=self.cache_root, workdir=_Workdirs(self.workdir).new(name)
-        )
-        result = boot.run(vm, kernel=kernel, accel=self.accel)
+        key = self._key(kernel)
+        if self.verdicts is not None and (hit := self.verdicts.get(key)) is not None:
+            return Observation(hit.outcome, hit.log_path, hit.message, cached=True)
+        started = time.monotonic()
+        workdir = _Workdirs(self.workdir).new(name)
+        if self.snapshot is not None:
+            vm = restore.prepare_vm(
+                request, cache_root=self.cache_root, workdir=workdir, mechanism=self.snapshot
+            )
+        else:
+            vm = boot.prepare_vm(request, cache_root=self.cache_root, workdir=workdir)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SnapshotWarning)  # a cold boot judges as well
+            result = boot.run(vm, kernel=kernel, accel=self.accel, cache_root=self.cache_root)
         if self.verdicts is not None:
             self.verdicts.put(
                 key,
@@ -113,6 +120,30 @@ class BootOracle:
                 seconds=time.monotonic() - started,
             )
         return Observation(result.outcome, result.log_path, result.message)
+
+    def _key(self, kernel: Kernel) -> str:
+        """The verdict's key: the kernel, the image the boot runs, and the oracle. From a
+        snapshot, the image is the snapshot's key and the test's own rest of the init (no
+        need to build the cold image); a cold boot keys by the image it boots."""
+        if self.snapshot is not None:
+            try:
+                plan = make_plan(
+                    kernel,
+                    self.spec,
+                    cache_root=self.cache_root,
+                    accel=self.accel,
+                    cmdline=self.cmdline,
+                )
+            except SnapshotUnsupported:
+                pass  # boots cold: keyed like a cold boot
+            else:
+                image = cache.digest(["snapshot", plan.key, plan.rest])
+                return verdict_key(kernel.identity, image, self.identity)
+        # Build the image prepare_vm will boot (same modules, same digest) to key the cache
+        # before booting; prepare_vm's own build is then a cache hit.
+        spec = boot.with_harness_modules(kernel, self.spec)
+        image_digest = initramfs_module.build(kernel, spec, self.cache_root).digest
+        return verdict_key(kernel.identity, image_digest, self.identity)
 
 
 @dataclass

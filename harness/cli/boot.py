@@ -42,15 +42,6 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--shell", action="store_true", help="after the init succeeds, attach to a shell"
     )
-    run.add_argument(
-        "--snapshot",
-        nargs="?",
-        const=restore.AUTO,
-        choices=[mode for mode in restore.MODES if mode != "off"],
-        metavar="MECHANISM",
-        help="start from a booted snapshot (made first if the cache has none; auto, "
-        "shared-ram or stream; default auto); boots cold when none can be made or used",
-    )
     run.set_defaults(func=cmd_boot)
 
 

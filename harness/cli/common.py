@@ -40,6 +40,7 @@ from harness.kernel.catalogue import (
     load_catalogue,
 )
 from harness.outcome import ConfigError
+from harness.snapshot.store import MECHANISMS
 from harness.vm.accel import VALID_REQUESTS, KvmFallbackWarning, choose_accelerator
 
 ESCAPE = b"\x1d"  # Ctrl-], as telnet and virsh console use
@@ -174,6 +175,19 @@ def write_all(fd: int, data: bytes) -> None:
         data = data[os.write(fd, data) :]
 
 
+def add_snapshot_option(parser: argparse.ArgumentParser) -> None:
+    """``--snapshot [MECHANISM]``: start from a booted snapshot (see harness.snapshot)."""
+    parser.add_argument(
+        "--snapshot",
+        nargs="?",
+        const="auto",
+        choices=("auto", *MECHANISMS),
+        metavar="MECHANISM",
+        help="start from a booted snapshot (made first if the cache has none; auto, "
+        "shared-ram or stream; default auto); boots cold when none can be made or used",
+    )
+
+
 def add_boot_options(parser: argparse.ArgumentParser) -> None:
     """The options of one boot, shared by ``bootharness boot`` and ``bisect-step -- boot``."""
     parser.add_argument("--accel", choices=VALID_REQUESTS, default="auto")
@@ -191,6 +205,7 @@ def add_boot_options(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="folder for the run's files (default: under <cache>/runs)",
     )
+    add_snapshot_option(parser)
 
 
 def accelerator(requested: str, root: Path) -> str:

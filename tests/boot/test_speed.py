@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from harness.bisect.oracles import BootOracle
 from harness.cache import cache_root
 from harness.image.initramfs import InitramfsSpec
 from harness.kernel.provision import Kernel
+from harness.outcome import Outcome
 from harness.snapshot import restore, spare, store
 from harness.vm.boot import BootRequest, Vm
 
@@ -147,3 +149,22 @@ def test_a_dead_spare_is_not_used_and_the_snapshot_stays(
         assert vm.boot_mechanism in store.MECHANISMS and not plan.from_spare
         assert plan.snapshot is not None and plan.snapshot.path.exists()
         vm.expect_pass()
+
+
+def test_bisect_steps_that_differ_in_commands_share_one_snapshot(
+    kernel: Kernel, private_cache: Path, tmp_path: Path
+) -> None:
+    """A boot oracle with ``snapshot`` judges each step from the snapshot of the shared
+    part (so git bisect over commands or the end of a template restores instead of booting),
+    and a failing command is still a failure."""
+    for commands, outcome in ((["true"], Outcome.PASS), (["false"], Outcome.TEST_FAIL)):
+        oracle = BootOracle(
+            kernels=lambda name: kernel,
+            spec=InitramfsSpec(variables={"commands": commands}),
+            cache_root=private_cache,
+            workdir=tmp_path / commands[0],
+            snapshot="auto",
+        )
+        observed = oracle(kernel.name)
+        assert observed.outcome is outcome, observed.message
+        assert observed.log_path is not None and observed.log_path.parent.name == "restored"
