@@ -26,6 +26,7 @@ from typing import Any
 
 from harness import cache
 from harness.outcome import ConfigError
+from harness.snapshot.restore import plan_record
 from harness.storage import disks
 from harness.vm.boot import qemu_version
 
@@ -153,6 +154,11 @@ def write(
         "qemu_argv": list(vm.machine.argv),
         "qemu_version": qemu_version(spec.qemu),
     }
+    # A VM resumed from a snapshot: its image is the snapshot's (the init waits at READY),
+    # so a replay needs the plan too (the test's own rest of the init, the snapshot's key).
+    snapshot = plan_record(vm)
+    if snapshot is not None:
+        data["snapshot"] = snapshot
     (target / BUNDLE_JSON).write_text(json.dumps(data, indent=2) + "\n")
     log.info("reproduction bundle: %s", target)
     return target

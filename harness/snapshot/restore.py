@@ -60,10 +60,14 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from harness import cache
+from harness.image.initramfs import Initramfs
+from harness.kernel.provision import Kernel
 from harness.outcome import ConfigError, HarnessError, InfraError
 from harness.snapshot import spare
 from harness.snapshot.errors import (
@@ -73,7 +77,7 @@ from harness.snapshot.errors import (
     SnapshotWarning,
 )
 from harness.snapshot.migration import incoming, save
-from harness.snapshot.plan import Plan, go_line, make_plan, rest_message
+from harness.snapshot.plan import Plan, go_line, make_plan, qemu_identity, rest_message
 from harness.snapshot.store import (
     MECHANISMS,
     RAM_FILE,
@@ -86,6 +90,7 @@ from harness.snapshot.store import (
 )
 from harness.vm.boot import (
     BootRequest,
+    StartPlan,
     Vm,
     cold_machine,
     machine_spec,
@@ -95,7 +100,7 @@ from harness.vm.boot import (
 )
 from harness.vm.console import Mark
 from harness.vm.deadlines import Deadlines
-from harness.vm.machine import Machine
+from harness.vm.machine import Machine, MachineSpec
 
 log = logging.getLogger(__name__)
 
@@ -319,8 +324,10 @@ class SnapshotStart:
         mechanism: str = AUTO,
         unusable: SnapshotError | None = None,
         spares: Path | None = None,
+        fallback: StartPlan | None = None,
     ) -> None:
         self.request = request
+        self.fallback = fallback  # how to start without a snapshot, if not from the request
         self.spares = spares
         self.from_spare = False  # the restore took a spare QEMU started ahead of need
         self.plan = plan
@@ -360,6 +367,8 @@ class SnapshotStart:
                 self._restore(vm, self.plan, snapshot, spares=spares)
                 return
             except HarnessError as error:
+                if isinstance(error, ConfigError):  # the request's fault, not the snapshot's
+                    raise
                 machine = vm.machine
                 if machine.launched and machine.console.recorder.mark("RESUMED") is not None:
                     # The restore worked and the test's own part already failed (a command
@@ -436,12 +445,122 @@ class SnapshotStart:
         log.warning("%s", message)
         warnings.warn(SnapshotWarning(message), stacklevel=4)
         self.note = reason.message
+        if self.fallback is not None:  # a VM known by its image only (a replay)
+            self.fallback.start(vm)
+            return
         if self.plan is not None:  # else the VM was set up on its cold machine already
             folder = self.workdir / "cold"
             spec, nonce = cold_machine(self.request, cache_root=self.cache_root, workdir=folder)
             vm.use_machine(spec, folder, nonce=nonce, expected_boots=self.request.expected_boots)
         vm.boot_mechanism = "cold"
         vm.boot_cold()
+
+
+class SplitStart:
+    """A VM's :class:`~harness.vm.boot.StartPlan` for an image with a ready point when there
+    is no snapshot: boot it cold to its ready point, then send the go line and the rest of
+    the init there, as a restore would. What a replay of a test that started from a snapshot
+    boots, since the image it recorded is the snapshot's (its init waits at ``READY``).
+
+    ``machine`` gives the machine for a command-line nonce (the image's init marks with it
+    until the go line brings the run's own).
+    """
+
+    def __init__(
+        self,
+        machine: Callable[[str], MachineSpec],
+        rest: str,
+        workdir: Path,
+        *,
+        expected_boots: int = 1,
+    ) -> None:
+        self.machine = machine
+        self.rest = rest
+        self.workdir = workdir
+        self.expected_boots = expected_boots
+
+    def start(self, vm: Vm) -> None:
+        """Boot to the ready point, then hand the init its go line and rest.
+
+        Raises:
+            InfraError, KernelFault, BootTimeout, TestFailure: as :meth:`Vm.start`.
+        """
+        folder = self.workdir / "cold"
+        ready = new_nonce()
+        vm.use_machine(self.machine(ready), folder, nonce=ready, expected_boots=self.expected_boots)
+        vm.boot_mechanism = "cold"
+        vm.boot_cold()
+        vm.expect_marker("READY", phase="init")
+        nonce = new_nonce()
+        vm.switch_nonce(nonce)
+        vm.console.send(go_line(nonce, self.rest) + rest_message(self.rest))
+        vm.expect_marker("RESUMED", phase="init")
+
+    def describe(self, vm: Vm) -> str:
+        return "cold, to the snapshot's ready point"
+
+
+def plan_record(vm: Vm) -> dict[str, Any] | None:
+    """What a bundle keeps to start ``vm``'s snapshot again (:func:`plan_from_record`):
+    None unless ``vm`` resumed from a snapshot."""
+    start = vm.start_plan
+    if not isinstance(start, SnapshotStart) or start.plan is None or start.snapshot is None:
+        return None
+    if vm.boot_mechanism not in MECHANISMS:
+        return None
+    plan = start.plan
+    return {
+        "mechanism": start.snapshot.mechanism,
+        "rest": plan.rest,
+        "accel": plan.accel,
+        "cmdline": plan.cmdline,
+        "machine_options": {k: _plain(v) for k, v in plan.machine_options.items()},
+        "key_parts": dict(plan.key_parts),
+        "image_digest": plan.image.digest,
+        "disks": plan.storage is not None,
+    }
+
+
+def plan_from_record(
+    kernel: Kernel,
+    image: Path,
+    record: Mapping[str, Any],
+    *,
+    cache_root: Path,
+    kernel_image: Path | None = None,
+) -> Plan:
+    """The plan of a recorded snapshot start, on ``kernel`` and the recorded ``image`` (the
+    snapshot's image), keyed for this QEMU: the same snapshot when nothing changed, else a
+    new one made from the same image. ``kernel_image`` is the file QEMU booted, when the
+    kernel is described by it (a replay's recorded vmlinux).
+
+    Raises:
+        KeyError, TypeError, ValueError: the record is not one :func:`plan_record` wrote.
+        MissingToolError: QEMU is not installed.
+    """
+    options = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in record["machine_options"].items()
+    }
+    if kernel_image is not None and kernel_image == kernel.vmlinuz:
+        options["prefer_vmlinux"] = False  # the kernel is known by the very image to boot
+    parts = {**record["key_parts"]}
+    qemu = str(options.get("qemu", MachineSpec.__dataclass_fields__["qemu"].default))
+    parts["qemu"] = qemu_identity(qemu, cache_root=cache_root)
+    initramfs = Initramfs(image, str(record["image_digest"]), False, (), "")
+    return Plan(
+        kernel,
+        initramfs,
+        str(record["rest"]),
+        str(record["accel"]),
+        str(record["cmdline"]),
+        options,
+        None,
+        parts,
+    )
+
+
+def _plain(value: Any) -> Any:
+    return [str(v) for v in value] if isinstance(value, list | tuple) else value
 
 
 def prepare_vm(

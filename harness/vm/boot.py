@@ -305,6 +305,13 @@ class Vm:
             raise RuntimeError("adopt: the VM's QEMU is still running")
         self.spec, self.nonce, self.machine = machine.spec, machine.nonce, machine
 
+    def switch_nonce(self, nonce: str) -> None:
+        """The guest's init took another nonce (a go line brought it): its markers come with
+        ``nonce`` from now on."""
+        self.nonce = self.machine.nonce = nonce
+        if self.machine.launched:
+            self.machine.console.recorder.nonce = nonce
+
     @property
     def console(self) -> Console:
         return self.machine.console

@@ -18,7 +18,8 @@ from harness.bisect.oracles import BootOracle
 from harness.cache import cache_root
 from harness.image.initramfs import InitramfsSpec
 from harness.kernel.provision import Kernel
-from harness.outcome import Outcome
+from harness.outcome import Outcome, TestFailure
+from harness.report import bundle, replay
 from harness.snapshot import restore, spare, store
 from harness.vm.boot import BootRequest, Vm
 
@@ -168,3 +169,29 @@ def test_bisect_steps_that_differ_in_commands_share_one_snapshot(
         observed = oracle(kernel.name)
         assert observed.outcome is outcome, observed.message
         assert observed.log_path is not None and observed.log_path.parent.name == "restored"
+
+
+def test_a_snapshot_started_failure_replays_cold_and_from_its_snapshot(
+    kernel: Kernel, private_cache: Path, tmp_path: Path, spares: Path
+) -> None:
+    """The bundle of a test that resumed from a snapshot records the plan: the replay boots
+    the snapshot's image to its ready point and sends the same rest (it used to wait there
+    for ever), or resumes from the same snapshot with ``snapshot``; the failure reproduces."""
+    with restore_vm(kernel, private_cache, tmp_path / "vm", spares, "x; false") as vm:
+        vm.start()
+        assert vm.boot_mechanism in store.MECHANISMS
+        with pytest.raises(TestFailure):
+            vm.expect_pass()
+    target = bundle.write(
+        tmp_path / "bundle", vm, test="t.py::t", outcome="TEST_FAIL", message="it failed"
+    )
+    recorded = bundle.load(target)
+    assert recorded.data["snapshot"]["rest"]
+    for mechanism, start in ((None, "cold, to the snapshot's ready point"), ("auto", "snapshot")):
+        again = replay.prepare(
+            recorded, tmp_path / f"replay-{mechanism}", cache_root=private_cache, snapshot=mechanism
+        )
+        result = replay.run(again)
+        assert result.outcome is Outcome.TEST_FAIL, result.render()
+        assert result.start.endswith(start), result.start
+        assert "command 1 exited 1" in result.message
