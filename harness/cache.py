@@ -3,15 +3,17 @@
 Provisioned kernels, extracted vmlinux files and initramfs images are all built the same
 way: under a file lock, into a temporary sibling, then renamed into place. A reader never
 sees a half-built entry, and two processes (or xdist workers) building the same entry wait
-for each other instead of racing.
+for each other instead of racing. Each entry gets a manifest at creation and is checked
+against it on every use (:mod:`harness.manifest`): a damaged entry is rebuilt, never used.
+Writes that the file system refuses become errors that name why (:mod:`harness.cachefs`).
 
 **Records** (:func:`remember`, :func:`recall`) keep what a warm run would otherwise work out
 again in every process (which image a spec builds, a file's digest, QEMU's version): a small
 JSON file holding a key, a value and the identity (size, inode, times) of every file the
 value was made from. A record is used only while its key matches and none of those files has
 changed, so it never says more than the files do; make/ccache trust the same identity.
-The locks are ``flock(2)`` locks: released by the kernel when a process dies, and nothing
-to import beyond the standard library.
+The locks are ``flock(2)`` locks (:func:`locked`): released by the kernel when a process
+dies, and nothing to import beyond the standard library.
 """
 
 from __future__ import annotations
@@ -25,9 +27,13 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from harness import cachefs, manifest
 
 log = logging.getLogger(__name__)
 
@@ -62,28 +68,178 @@ def file_digest(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def build_once(target: Path, build: Callable[[Path], None]) -> bool:
-    """Make ``target`` exist, building it at most once across processes.
+class CacheCorruptWarning(UserWarning):
+    """A cache entry no longer matched its manifest; it was discarded and built again."""
+
+
+# Entries without a manifest were made by an older harness. ``adopt`` (a structural check
+# of the entry) lets them stay, with a manifest written for them; without it they are
+# rebuilt. Their last use is the time of their lock file (see :func:`touch`).
+Adopt = Callable[[Path], None]
+LOCK_SUFFIX = ".lock"
+_TOUCH_EVERY = 3600.0  # seconds: a use refreshes the entry's last-use time at most hourly
+# Per process: parsed manifests by the manifest file's identity.
+_MANIFESTS: dict[tuple[str, int, int, int, int, int], manifest.Manifest] = {}
+
+
+def build_once(
+    target: Path,
+    build: Callable[[Path], None],
+    *,
+    verify: bool = True,
+    adopt: Adopt | None = None,
+) -> bool:
+    """Make ``target`` exist and hold what it was built with, building it at most once
+    across processes.
 
     ``build`` receives a temporary path next to ``target`` (same file system) and must
-    create the file or folder there; it is renamed into place only if ``build`` returns.
+    create the file or folder there; a manifest of it is written (:mod:`harness.manifest`)
+    and it is renamed into place only if ``build`` returns. On every use the entry gets the
+    cheap check against its manifest; an entry that fails it is discarded with a
+    :class:`CacheCorruptWarning` and built again, never used. ``verify=False`` is for
+    entries that keep and check a manifest of their own (snapshots).
+
     Returns True when this call built the entry, False on a cache hit.
+
+    Raises:
+        CacheFull, CacheReadOnly, CacheDenied: the cache's file system refused a write.
+        Whatever ``build`` raises (the entry is then not created).
     """
-    if target.exists():
+    if _intact(target, verify):
+        touch(target)
         return False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with locked(str(target) + ".lock"):
-        if target.exists():  # another process built it while we waited for the lock
-            return False
-        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        partial = scratch / target.name
+    what = f"building cache entry {target.name}"
+    with cachefs.writing(target, what):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with locked(str(target) + LOCK_SUFFIX):
+            # Another process may have built (or repaired) it while we waited for the lock.
+            problem = _problem(target, verify, adopt) if _exists(target) else None
+            if problem == "":
+                return False
+            if problem is not None:
+                message = (
+                    f"cache entry {target} is damaged ({problem}); discarded, building it again"
+                )
+                log.warning("%s", message)
+                warnings.warn(CacheCorruptWarning(message), stacklevel=2)
+                discard(target)
+            scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+            partial = scratch / target.name
+            try:
+                build(partial)
+                if verify:
+                    _write_manifest(partial, target)
+                os.replace(partial, target)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+    log.debug("built cache entry %s", target)
+    return True
+
+
+def check(target: Path, *, full: bool = False) -> list[str]:
+    """What no longer matches ``target``'s manifest (empty: intact).
+
+    Raises:
+        ManifestError: ``target`` has no (readable) manifest.
+    """
+    return _manifest_of(target).problems(full=full)
+
+
+def discard(target: Path) -> None:
+    """Take ``target`` (and its manifest) out of the cache at once: renamed away, then
+    deleted. Call it holding the entry's lock; a process that has its files open keeps them."""
+    sidecar = target.with_name(target.name + manifest.SIDECAR_SUFFIX)
+    trash = target.with_name(f".discarded-{target.name}-{uuid.uuid4().hex[:8]}")
+    if sidecar.exists():
+        sidecar.unlink()
+    if _exists(target):
+        os.replace(target, trash)
+        if trash.is_dir() and not trash.is_symlink():
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            trash.unlink(missing_ok=True)
+
+
+def touch(target: Path) -> None:
+    """Note that ``target`` was used now (its lock file's time), at most once an hour;
+    pruning keeps what was used recently. Never raises (a read-only cache still serves)."""
+    lock = Path(str(target) + LOCK_SUFFIX)
+    try:
+        if time.time() - lock.stat().st_mtime > _TOUCH_EVERY:
+            os.utime(lock)
+    except OSError:
+        pass
+
+
+def last_used(target: Path) -> float:
+    """When ``target`` was last used or made (seconds since the epoch); 0 when unknown."""
+    times = []
+    for path in (Path(str(target) + LOCK_SUFFIX), target):
         try:
-            build(partial)
-            os.replace(partial, target)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        log.debug("built cache entry %s", target)
+            times.append(path.stat().st_mtime)
+        except OSError:
+            continue
+    return max(times, default=0.0)
+
+
+def _exists(target: Path) -> bool:
+    return target.exists() or target.is_symlink()
+
+
+def _intact(target: Path, verify: bool) -> bool:
+    """The lock-free fast path: the entry exists and passes the cheap check."""
+    if not _exists(target):
+        return False
+    if not verify:
         return True
+    try:
+        return not _manifest_of(target).problems()
+    except manifest.ManifestError:
+        return False
+
+
+def _problem(target: Path, verify: bool, adopt: Adopt | None) -> str:
+    """Why the existing ``target`` may not be used ("" when it may); adopts an entry of an
+    older harness when ``adopt`` accepts it. Called holding the entry's lock."""
+    if not verify:
+        return ""
+    try:
+        problems = _manifest_of(target).problems()
+    except manifest.ManifestError as error:
+        if adopt is None:
+            return f"{error}: made by an older harness or interrupted"
+        try:
+            adopt(target)
+            _write_manifest(target, target)
+        except Exception as failure:  # the check names what it found wrong
+            return f"{error}, and it fails the check of an older entry: {failure}"
+        log.info("adopted cache entry %s (made by an older harness)", target)
+        return ""
+    return "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
+
+
+def _manifest_of(target: Path) -> manifest.Manifest:
+    where = manifest.location(target)
+    try:
+        identity = manifest.file_identity(where)
+    except OSError:
+        raise manifest.ManifestError(f"{target} has no manifest ({where.name})") from None
+    known = _MANIFESTS.get(identity)
+    if known is None:
+        known = manifest.read(target, where)
+        _MANIFESTS[identity] = known
+    return known
+
+
+def _write_manifest(entry: Path, target: Path) -> None:
+    """Write the manifest of ``entry`` (built for ``target``): inside a folder, where it
+    moves with it; beside a file, at the target's sidecar (before the file moves in, so an
+    entry is never seen without its manifest)."""
+    made = manifest.make(entry)
+    if entry.is_dir() and not entry.is_symlink():
+        manifest.write(made, entry / manifest.FOLDER_MANIFEST)
+    else:
+        manifest.write(made, target.with_name(target.name + manifest.SIDECAR_SUFFIX))
 
 
 # -- locks

@@ -68,6 +68,7 @@ class Evidence:
     stderr: str = ""
     excerpt: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    trace: str = ""  # the fault's stack trace symbolised (file:line or symbol+offset)
 
     def render(self) -> str:
         """A multi-line human-readable form, for error messages and pytest reports."""
@@ -85,6 +86,8 @@ class Evidence:
             lines.append("qemu stderr:\n" + _indent(self.stderr.strip()))
         if self.excerpt.strip():
             lines.append("fault excerpt:\n" + _indent(self.excerpt.rstrip()))
+        if self.trace.strip():
+            lines.append("symbolised trace:\n" + _indent(self.trace.rstrip()))
         if self.console_tail.strip():
             lines.append("console tail:\n" + _indent(self.console_tail.rstrip()))
         return "\n".join(lines)

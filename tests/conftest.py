@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from harness.cache import cache_root
+from harness.cache import cache_root, file_digest
+from harness.outcome import HarnessError
+from harness.storage import firmware
 
 
 def qemu_children(parent: int) -> list[int]:
@@ -43,6 +46,24 @@ def no_qemu_left_behind() -> Iterator[None]:
     yield
     left = qemu_children(os.getpid())
     assert not left, f"QEMU processes left running after the suite: {left}"
+
+
+def _firmware_files() -> list[Path]:
+    files = list(firmware.seabios().files)
+    # No OVMF here: the UEFI boot paths fail, naming the package to install.
+    with contextlib.suppress(HarnessError):
+        files += firmware.ovmf().files
+    return files
+
+
+@pytest.fixture(scope="session", autouse=True)
+def firmware_files_unchanged() -> Iterator[None]:
+    """The installed firmware (SeaBIOS, OVMF's code and variable store template) is the same
+    after the suite: every VM writes its own copy of the store, never the template."""
+    before = {path: file_digest(path) for path in _firmware_files()}
+    yield
+    after = {path: file_digest(path) for path in before}
+    assert after == before, "firmware files changed during the suite"
 
 
 # pytester points HOME at a temporary folder; pin the cache so inner runs reuse the

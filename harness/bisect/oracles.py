@@ -7,6 +7,10 @@ again boots nothing, and store every verdict on the guest they observe.
   ``bootharness boot``) and takes the boot's outcome.
 * :class:`PytestOracle` runs one pytest node id in a subprocess with ``--kernel NAME`` and maps
   pytest's exit code and the junit ``outcome`` properties the plugin writes to an outcome.
+* :class:`InitrdOracle` judges an initrd *file* instead: one kernel boots each candidate image
+  as it is (markers or console patterns, as ``bootharness boot --initrd``); the verdict is
+  keyed by the image's content digest. :class:`PytestOracle` with ``initrd_kernel`` runs the
+  node id with ``--initrd FILE`` (the ``initrd`` fixture) on that kernel.
 """
 
 from __future__ import annotations
@@ -14,27 +18,33 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+import shutil
 import subprocess
 import sys
 import time
 import warnings
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from harness import cache
+from harness import cache, lifeline
 from harness.bisect.search import Observation
 from harness.bisect.verdicts import VerdictCache, verdict_key
+from harness.image import foreign
 from harness.image import initramfs as initramfs_module
 from harness.image.initramfs import InitramfsSpec
 from harness.kernel.provision import Kernel
 from harness.outcome import ConfigError, Outcome
 from harness.snapshot import restore
-from harness.snapshot.errors import SnapshotUnsupported, SnapshotWarning
-from harness.snapshot.plan import make_plan
+from harness.snapshot.errors import SnapshotWarning
+from harness.snapshot.plan import Plan
+from harness.storage.bootpaths import BootSpec
 from harness.vm import boot
 from harness.vm.deadlines import Deadlines
+from harness.vm.kernel_warnings import WarningPolicy
+from harness.vm.sandbox import DEFAULT as DEFAULT_SANDBOX
+from harness.vm.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -84,66 +94,140 @@ class BootOracle:
     deadlines: Deadlines = field(default_factory=Deadlines)
     cmdline: str = ""
     verdicts: VerdictCache | None = None
+    boot: BootSpec = field(default_factory=BootSpec)  # the boot path (default: pvh)
+    kernel_warnings: WarningPolicy = field(default_factory=WarningPolicy)
+    sandbox: Sandbox = DEFAULT_SANDBOX
     snapshot: str | None = None  # start each boot from a snapshot made with this mechanism
 
     @property
     def identity(self) -> str:
         """What besides the kernel and the initramfs decides the verdict."""
-        return cache.digest(["boot", self.cmdline, repr(self.deadlines)])
+        parts = ["boot", self.cmdline, repr(self.deadlines)]
+        if self.boot != BootSpec():  # the default keeps the keys it had
+            parts.append(repr(self.boot))
+        if self.kernel_warnings != WarningPolicy():  # likewise
+            parts.append(repr(self.kernel_warnings))
+        return cache.digest(parts)
 
     def __call__(self, name: str) -> Observation:
         kernel = self.kernels(name)
         request = boot.BootRequest(
-            kernel, self.spec, accel=self.accel, deadlines=self.deadlines, cmdline=self.cmdline
+            kernel,
+            self.spec,
+            accel=self.accel,
+            deadlines=self.deadlines,
+            cmdline=self.cmdline,
+            boot=self.boot,
+            kernel_warnings=self.kernel_warnings,
+            machine_options={"sandbox": self.sandbox},
         )
-        key = self._key(kernel)
-        if self.verdicts is not None and (hit := self.verdicts.get(key)) is not None:
-            return Observation(hit.outcome, hit.log_path, hit.message, cached=True)
-        started = time.monotonic()
-        workdir = _Workdirs(self.workdir).new(name)
+        folder = _Workdirs(self.workdir).new(name)
         if self.snapshot is not None:
             vm = restore.prepare_vm(
-                request, cache_root=self.cache_root, workdir=workdir, mechanism=self.snapshot
+                request, cache_root=self.cache_root, workdir=folder, mechanism=self.snapshot
             )
+            plan = vm.start_plan.plan if isinstance(vm.start_plan, restore.SnapshotStart) else None
+            key = self._key(kernel, plan)
         else:
-            vm = boot.prepare_vm(request, cache_root=self.cache_root, workdir=workdir)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", SnapshotWarning)  # a cold boot judges as well
-            result = boot.run(vm, kernel=kernel, accel=self.accel, cache_root=self.cache_root)
-        if self.verdicts is not None:
-            self.verdicts.put(
-                key,
-                result.outcome,
-                kernel=kernel.name,
-                message=result.message,
-                log_path=result.log_path,
-                seconds=time.monotonic() - started,
-            )
-        return Observation(result.outcome, result.log_path, result.message)
+            vm, key = None, self._key(kernel, None)
+        if self.verdicts is not None and (hit := self.verdicts.get(key)) is not None:
+            if vm is not None:
+                vm.stop()
+            shutil.rmtree(folder, ignore_errors=True)
+            return Observation(hit.outcome, hit.log_path, hit.message, cached=True)
+        started = time.monotonic()
+        return boot_and_judge(request, self.cache_root, folder, self.verdicts, key, started, vm=vm)
 
-    def _key(self, kernel: Kernel) -> str:
+    def _key(self, kernel: Kernel, plan: Plan | None) -> str:
         """The verdict's key: the kernel, the image the boot runs, and the oracle. From a
         snapshot, the image is the snapshot's key and the test's own rest of the init (no
         need to build the cold image); a cold boot keys by the image it boots."""
-        if self.snapshot is not None:
-            try:
-                plan = make_plan(
-                    kernel,
-                    self.spec,
-                    cache_root=self.cache_root,
-                    accel=self.accel,
-                    cmdline=self.cmdline,
-                )
-            except SnapshotUnsupported:
-                pass  # boots cold: keyed like a cold boot
-            else:
-                image = cache.digest(["snapshot", plan.key, plan.rest])
-                return verdict_key(kernel.identity, image, self.identity)
+        if plan is not None:
+            image = cache.digest(["snapshot", plan.key, plan.rest])
+            return verdict_key(kernel.identity, image, self.identity)
         # Build the image prepare_vm will boot (same modules, same digest) to key the cache
         # before booting; prepare_vm's own build is then a cache hit.
         spec = boot.with_harness_modules(kernel, self.spec)
         image_digest = initramfs_module.build(kernel, spec, self.cache_root).digest
         return verdict_key(kernel.identity, image_digest, self.identity)
+
+
+def boot_and_judge(
+    request: boot.BootRequest,
+    cache_root: Path,
+    workdir: Path,
+    verdicts: VerdictCache | None,
+    key: str,
+    started: float,
+    *,
+    vm: boot.Vm | None = None,
+) -> Observation:
+    """Boot ``request`` in ``workdir`` (or the VM prepared for it: one that starts from a
+    snapshot), keep the verdict under ``key`` (when there is a cache) and say what the boot
+    showed: what every boot oracle does once it knows its key."""
+    if vm is None:
+        vm = boot.prepare_vm(request, cache_root=cache_root, workdir=workdir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SnapshotWarning)  # a cold boot judges as well
+        result = boot.run(vm, kernel=request.kernel, accel=request.accel, cache_root=cache_root)
+    if verdicts is not None:
+        verdicts.put(
+            key,
+            result.outcome,
+            kernel=request.kernel.name,
+            message=result.message,
+            log_path=result.log_path,
+            seconds=time.monotonic() - started,
+        )
+    return Observation(result.outcome, result.log_path, result.message)
+
+
+@dataclass
+class InitrdOracle:
+    """Judge an initrd file by booting it with the kernel and disks of ``request``.
+
+    ``request`` is everything but the image (its ``initrd`` is replaced by each candidate);
+    the candidate names are the image paths. The verdict is cached under the kernel, the
+    image's content digest and what else decides it (command line, deadlines, patterns,
+    disks' contents), so renaming an image keeps its verdict and editing it does not.
+    """
+
+    request: boot.BootRequest
+    cache_root: Path
+    workdir: Path
+    verdicts: VerdictCache | None = None
+
+    @property
+    def identity(self) -> str:
+        """What besides the kernel and the image decides the verdict."""
+        request = self.request
+        verdict = request.verdict
+        parts = [
+            "initrd-boot",
+            request.cmdline,
+            repr(request.deadlines),
+            repr((verdict.expect, verdict.fail, verdict.root_failures, request.markers)),
+            repr(sorted(request.overlay)),
+        ]
+        if request.storage is not None:
+            for image, attachment in zip(
+                request.storage.images, request.storage.plan.attachments, strict=True
+            ):
+                parts += [attachment.controller.name, cache.file_digest(image.path)]
+        return cache.digest(parts)
+
+    def __call__(self, candidate: str) -> Observation:
+        image = Path(candidate)
+        if not image.is_file():
+            raise ConfigError(f"bisect: initrd {image} does not exist")
+        kernel = self.request.kernel
+        key = verdict_key(kernel.identity, foreign.image_digest(image), self.identity)
+        if self.verdicts is not None and (hit := self.verdicts.get(key)) is not None:
+            return Observation(hit.outcome, hit.log_path, hit.message, cached=True)
+        started = time.monotonic()
+        request = replace(self.request, initrd=image)
+        folder = _Workdirs(self.workdir).new(image.name)
+        return boot_and_judge(request, self.cache_root, folder, self.verdicts, key, started)
 
 
 @dataclass
@@ -171,6 +255,9 @@ class PytestOracle:
     cwd: Path = field(default_factory=Path.cwd)
     python: str = sys.executable
     timeout: float = 3600.0
+    # Bisect initrd files instead of kernels: the candidates are image paths, each run gets
+    # ``--kernel initrd_kernel --initrd CANDIDATE``, and the image's digest keys the verdict.
+    initrd_kernel: str | None = None
 
     def test_file(self) -> Path:
         """The file the node id names; raises ConfigError when it does not exist."""
@@ -187,11 +274,20 @@ class PytestOracle:
         return cache.digest(["pytest", self.node_id, *self.extra_args, self.accel or ""])
 
     def __call__(self, name: str) -> Observation:
-        kernel = self.kernels(name)
-        key = verdict_key(kernel.identity, cache.file_digest(self.test_file()), self.identity)
+        kernel_name, selection = name, ["--kernel", name]
+        inputs = cache.file_digest(self.test_file())
+        if self.initrd_kernel is not None:
+            image = Path(name)
+            if not image.is_file():
+                raise ConfigError(f"bisect: initrd {image} does not exist")
+            kernel_name = self.initrd_kernel
+            selection = ["--kernel", kernel_name, "--initrd", str(image.resolve())]
+            inputs = cache.digest([inputs, foreign.image_digest(image)])
+        kernel = self.kernels(kernel_name)
+        key = verdict_key(kernel.identity, inputs, self.identity)
         if self.verdicts is not None and (hit := self.verdicts.get(key)) is not None:
             return Observation(hit.outcome, hit.log_path, hit.message, cached=True)
-        folder = _Workdirs(self.workdir).new(name)
+        folder = _Workdirs(self.workdir).new(Path(name).name)
         junit = folder / "junit.xml"
         output = folder / "pytest.log"
         argv = [
@@ -202,8 +298,7 @@ class PytestOracle:
             "no:cacheprovider",
             "-q",
             self.node_id,
-            "--kernel",
-            name,
+            *selection,
             "--kernels",
             str(self.kernels_file),
             "--bootharness-cache",
@@ -219,7 +314,8 @@ class PytestOracle:
         started = time.monotonic()
         with output.open("w") as out:
             try:
-                code = subprocess.run(
+                # Guarded: a killed bisect takes the pytest run (and through it its VMs) along.
+                code = lifeline.run_guarded(
                     argv, cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT, timeout=self.timeout
                 ).returncode
             except subprocess.TimeoutExpired:
@@ -235,7 +331,7 @@ class PytestOracle:
             self.verdicts.put(
                 key,
                 outcome,
-                kernel=name,
+                kernel=kernel_name,
                 message=message,
                 log_path=evidence,
                 seconds=time.monotonic() - started,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import subprocess
 import sys
 import time
 import traceback
@@ -26,14 +25,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from harness.bisect.oracles import BootOracle, PytestOracle
+from harness import lifeline, upkeep
+from harness.bisect.oracles import BootOracle, InitrdOracle, PytestOracle
 from harness.bisect.search import Observation, Step
 from harness.bisect.search import bisect as run_bisect
 from harness.bisect.verdicts import VerdictCache
-from harness.cli import common
+from harness.cli import common, text
 from harness.image import templates
-from harness.kernel.catalogue import Catalogue
-from harness.kernel.provision import Kernel, provision
+from harness.kernel.catalogue import Catalogue, SourceTree
+from harness.kernel.provision import Kernel, build_source, provision
+from harness.kernel.source import BuildError
 from harness.outcome import ConfigError, HarnessError
 from harness.vm.accel import VALID_REQUESTS
 from harness.vm.deadlines import Deadlines
@@ -46,28 +47,35 @@ STEP_BUG = 129
 ORACLE_KINDS = ("boot", "pytest")
 
 STEP_USAGE = """\
-usage: bootharness bisect-step [--build CMD] [--verdicts DIR | --no-cache] [--kernels FILE]
-                               [--cache DIR] [-v] -- ORACLE...
+usage: bootharness bisect-step [-k NAME] [--build CMD] [--verdicts DIR | --no-cache]
+                               [--kernels FILE] [--cache DIR] [-v] -- ORACLE...
 
 ORACLE is one of
   boot [OPTIONS]             boot like `bootharness boot` with the same options: -k NAME,
                              -t TEMPLATE, --template-dir DIR (relative to the checkout),
                              --run CMD, --var NAME=VALUE, -m MODULE, --cmdline, --accel, ...
+                             or --initrd FILE (the image the tree builds) with --disk,
+                             --root, --expect REGEX, --fail REGEX
   pytest NODEID [ARGS...]    run one pytest node id with --kernel NAME (from ARGS, default:
                              the default kernel) and the other ARGS
 
-Runs --build CMD first (with sh -c, in the current folder), then the oracle, and exits
-0 good, 1 bad, 125 skip (INFRA_ERROR or a failed build), 128 abort (usage or configuration
-error), 129 abort (harness bug). Example:
+-k NAME names the kernel to judge (the oracle's -k / --kernel otherwise). A kernel built from
+source (tree = ... in kernels.toml) is built first, at the commit checked out, through the
+cache (a commit built before is not built again); a commit that does not build is a skip with
+the compiler's first error. --build CMD runs a command of your own first instead (sh -c, in
+the current folder). Then the oracle runs, and the step exits 0 good, 1 bad, 125 skip
+(INFRA_ERROR or a failed build), 128 abort (usage or configuration error), 129 abort
+(harness bug). Examples:
   git bisect run bootharness bisect-step -- boot --template-dir . --run 'cat /proc/version'
+  git bisect run bootharness bisect-step -k my-tree -- boot --run 'test -b /dev/vda'
 """
 
 
-def register(commands: Any, common: argparse.ArgumentParser) -> None:
+def register(commands: Any, shared: argparse.ArgumentParser) -> None:
     """Add ``bisect`` and ``bisect-step`` to the ``bootharness`` command line."""
     parser = commands.add_parser(
         "bisect",
-        parents=[common],
+        parents=[shared],
         help="find the first bad kernel between a good and a bad one",
         description="Bisect over the kernels of kernels.toml (file order) between --good and "
         "--bad, or over --kernels-list. Exit: 0 found, 1 a range (skips), 2 ends disagree, "
@@ -81,6 +89,13 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
         help="candidates in order, good side first (names or tags; default: every kernel of "
         "kernels.toml from --good to --bad)",
     )
+    parser.add_argument(
+        "--initrds",
+        metavar="A.img,B.img,...",
+        help="bisect initrd FILES instead of kernels (good first), booted with one kernel "
+        "(-k) as `bootharness boot --initrd` boots them, or given to --pytest as --initrd",
+    )
+    parser.add_argument("-k", "--kernel", help="the kernel of --initrds (default: the default)")
     oracle = parser.add_argument_group("oracle (a boot with a template, or --pytest)")
     oracle.add_argument("-t", "--template", help="init template (default: init.sh.j2)")
     oracle.add_argument(
@@ -99,6 +114,7 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
         "--pytest-arg", action="append", default=[], metavar="ARG", help="extra pytest argument"
     )
     _add_run_options(parser)
+    common.add_foreign_options(parser, initrd=False)
     parser.set_defaults(func=cmd_bisect)
 
     # Everything after bisect-step is parsed by cmd_bisect_step, whose usage errors must exit
@@ -134,6 +150,14 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_bisect(args: argparse.Namespace) -> int:
+    if args.initrds:
+        return _bisect_initrds(args)
+    foreign_only = [args.kernel, args.disks, args.root, args.expect, args.fail, args.overlays]
+    if any(foreign_only) or args.markers is not None or args.root_failures is not None:
+        raise ConfigError(
+            "bisect: -k/--disk/--root/--expect/--fail/--overlay/--markers go with --initrds "
+            "(over kernels, the template's init judges the boot)"
+        )
     catalogue = common.catalogue_of(args)
     root = common.cache_of(args)
     candidates = bisect_candidates(catalogue, args.good, args.bad, args.kernels_list)
@@ -141,7 +165,61 @@ def cmd_bisect(args: argparse.Namespace) -> int:
     oracle = _kernel_oracle(args, catalogue, root, workdir)
     print(f"bisecting {len(candidates)} kernels: {', '.join(candidates)}", flush=True)
     result = run_bisect(candidates, oracle, on_step=_print_step)
+    print("\n".join(text.bisect_table(result)), flush=True)
     print(result.render(), flush=True)
+    return result.status.exit_code
+
+
+def _bisect_initrds(args: argparse.Namespace) -> int:
+    """Bisect over initrd files with one kernel; the candidates are the paths as given."""
+    if args.good or args.bad or args.kernels_list:
+        raise ConfigError(
+            "bisect --initrds: the list is the range; drop --good/--bad/--kernels-list"
+        )
+    candidates = [word.strip() for word in args.initrds.split(",") if word.strip()]
+    for candidate in candidates:
+        if not Path(candidate).is_file():
+            raise ConfigError(f"bisect --initrds: {candidate} is not a file")
+    catalogue = common.catalogue_of(args)
+    root = common.cache_of(args)
+    kernel = provision(common.one_kernel(catalogue, args.kernel), root, progress=False)
+    workdir = args.workdir or common.new_run_dir(root, "bisect")
+    verdicts = None if args.no_cache else VerdictCache(args.verdicts or root / "verdicts")
+    oracle: Callable[[str], Observation]
+    if args.pytest:
+        boot_only = [args.template, args.commands, args.variables, args.modules, args.dirs]
+        boot_only += [args.disks, args.root, args.expect, args.fail, args.overlays]
+        if any(boot_only) or args.cmdline:
+            raise ConfigError(
+                "bisect --initrds --pytest judges with a test (it gets each image as --initrd): "
+                "drop the boot options"
+            )
+        oracle = PytestOracle(
+            node_id=args.pytest,
+            kernels=lambda name: provision(catalogue.get(name), root, progress=False),
+            kernels_file=catalogue.path,
+            cache_root=root,
+            workdir=workdir,
+            accel=None if args.accel == "auto" else args.accel,
+            extra_args=tuple(args.pytest_arg),
+            verdicts=verdicts,
+            initrd_kernel=kernel.name,
+        )
+    else:
+        args.template = args.template or templates.DEFAULT_TEMPLATE
+        args.files, args.compression = [], "gzip"
+        request = common.boot_request(
+            args,
+            kernel,
+            accel=common.accelerator(args.accel, root),
+            deadlines=Deadlines.from_options(args.boot_timeout, args.timeout_multiplier),
+            initrd=Path(candidates[0]),
+        )
+        oracle = InitrdOracle(request, cache_root=root, workdir=workdir, verdicts=verdicts)
+    print(f"bisecting {len(candidates)} initrds with {kernel.name}: {', '.join(candidates)}")
+    result = run_bisect(candidates, oracle, on_step=_print_step)
+    print(result.render(), flush=True)
+    upkeep.prune_now(root)  # at most hourly
     return result.status.exit_code
 
 
@@ -245,6 +323,7 @@ class _StepParser(argparse.ArgumentParser):
 def _step_parser() -> _StepParser:
     parser = _StepParser(prog="bootharness bisect-step", add_help=False, usage=STEP_USAGE)
     parser.add_argument("-h", "--help", action="store_true")
+    parser.add_argument("-k", "--kernel", metavar="NAME")
     parser.add_argument("--build", metavar="CMD")
     parser.add_argument("--verdicts", type=Path, metavar="DIR")
     parser.add_argument("--no-cache", action="store_true")
@@ -297,17 +376,30 @@ def _bisect_step(args: argparse.Namespace) -> int:
     args.cache = options.cache or args.cache
     if options.build:
         print(f"bisect-step: building: {options.build}", flush=True)
-        built = subprocess.run(["sh", "-c", options.build], check=False).returncode
+        # Guarded: a killed bisect-step takes its build (make and the compilers) along.
+        built = lifeline.run_guarded(["sh", "-c", options.build]).returncode
         if built != 0:
             print(f"bisect-step: the build exited {built} -> skip (exit {STEP_SKIP})", flush=True)
             return STEP_SKIP
     root = common.cache_of(args)
     verdicts = None if options.no_cache else VerdictCache(options.verdicts or root / "verdicts")
     catalogue = common.catalogue_of(args)
+    if options.kernel and not {"-k", "--kernel"} & set(oracle[1:]):
+        oracle = [oracle[0], "--kernel", options.kernel, *oracle[1:]]
     if oracle[0] == "boot":
         name, judge = _step_boot_oracle(oracle[1:], catalogue, root, verdicts)
     else:
         name, judge = _step_pytest_oracle(oracle[1:], catalogue, root, verdicts)
+    entry = catalogue.get(name)
+    if isinstance(entry.source, SourceTree):
+        try:
+            kernel = build_source(entry, root)
+        except BuildError as error:
+            print(f"bisect-step: {name} does not build: {error.first_error}", flush=True)
+            print(f"bisect-step: build log: {error.log_path}", flush=True)
+            print(f"bisect-step: skip (exit {STEP_SKIP})", flush=True)
+            return STEP_SKIP
+        print(f"bisect-step: kernel {name} {kernel.release} at {kernel.commit}", flush=True)
     started = time.monotonic()
     try:
         observation = judge(name)
@@ -328,6 +420,7 @@ def _step_boot_oracle(
     # The same options as `bootharness boot` (common.image_options + add_boot_options).
     parser = _StepParser(prog="bisect-step -- boot", parents=[common.image_options()])
     common.add_boot_options(parser)
+    common.add_foreign_options(parser)
     parser.add_argument("--shell", action="store_true")
     try:
         boot_args = parser.parse_args(list(words))
@@ -336,6 +429,23 @@ def _step_boot_oracle(
     if boot_args.shell:
         raise _StepUsageError("--shell makes no sense in a bisect step")
     entry = common.one_kernel(catalogue, boot_args.kernel)
+    foreign_options = [boot_args.disks, boot_args.root, boot_args.expect, boot_args.fail]
+    if boot_args.initrd is not None:
+        # A tree that builds an initrd (a generator's own repository): judge the image.
+        kernel = provision(entry, root, progress=False)
+        request = common.boot_request(
+            boot_args,
+            kernel,
+            accel=common.accelerator(boot_args.accel, root),
+            deadlines=Deadlines.from_options(boot_args.boot_timeout, boot_args.timeout_multiplier),
+        )
+        workdir = boot_args.workdir or common.new_run_dir(root, "bisect")
+        initrd_oracle = InitrdOracle(request, cache_root=root, workdir=workdir, verdicts=verdicts)
+        return str(boot_args.initrd), initrd_oracle
+    if any(foreign_options) or boot_args.overlays or boot_args.markers is not None:
+        raise _StepUsageError(
+            "--disk/--root/--expect/--fail/--overlay/--markers go with --initrd in a bisect step"
+        )
     oracle = BootOracle(
         kernels=lambda name: provision(catalogue.get(name), root, progress=False),
         spec=common.initramfs_spec(boot_args),
@@ -345,6 +455,9 @@ def _step_boot_oracle(
         deadlines=Deadlines.from_options(boot_args.boot_timeout, boot_args.timeout_multiplier),
         cmdline=boot_args.cmdline,
         verdicts=verdicts,
+        boot=common.boot_spec(boot_args),
+        kernel_warnings=common.warnings_policy(boot_args),
+        sandbox=common.sandbox_of(boot_args),
         snapshot=boot_args.snapshot,
     )
     return entry.name, oracle

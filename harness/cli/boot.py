@@ -1,5 +1,6 @@
 """``bootharness boot``: boot one kernel with an initramfs from a template, print the report.
 
+The report is written as the boot goes (:mod:`harness.cli.progress`): head, phases, outcome.
 With ``--snapshot`` the VM starts the way the ``boot`` fixture's ``snapshot=True`` starts one
 (:func:`harness.snapshot.restore.prepare_vm`): from the cached snapshot of its definition,
 made first if there is none, under the same keys and locks; a snapshot that cannot be made or
@@ -14,17 +15,20 @@ import sys
 import warnings
 from typing import Any
 
+from harness import upkeep
 from harness.cli.common import (
     accelerator,
     add_boot_options,
+    add_foreign_options,
     attach,
+    boot_request,
     cache_of,
     catalogue_of,
     image_options,
-    initramfs_spec,
     new_run_dir,
     one_kernel,
 )
+from harness.cli.progress import BootProgress
 from harness.kernel.provision import provision
 from harness.outcome import ConfigError
 from harness.snapshot import restore
@@ -39,6 +43,7 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
         "boot", parents=[common, image_options()], help="boot a kernel under QEMU"
     )
     add_boot_options(run)
+    add_foreign_options(run)
     run.add_argument(
         "--shell", action="store_true", help="after the init succeeds, attach to a shell"
     )
@@ -52,8 +57,8 @@ def cmd_boot(args: argparse.Namespace) -> int:
     kernel = provision(one_kernel(catalogue_of(args), args.kernel), root)
     accel = accelerator(args.accel, root)
     deadlines = Deadlines.from_options(args.boot_timeout, args.timeout_multiplier)
-    spec = initramfs_spec(args, after="shell" if args.shell else None)
-    request = boot.BootRequest(kernel, spec, accel=accel, deadlines=deadlines, cmdline=args.cmdline)
+    after = "shell" if args.shell else None
+    request = boot_request(args, kernel, accel=accel, deadlines=deadlines, after=after)
     workdir = args.workdir or new_run_dir(root, kernel.name)
     if args.snapshot is not None:
         vm = restore.prepare_vm(request, cache_root=root, workdir=workdir, mechanism=args.snapshot)
@@ -69,6 +74,12 @@ def cmd_boot(args: argparse.Namespace) -> int:
                 print("console attached; Ctrl-] to leave", file=sys.stderr, flush=True)
                 attach(vm.console.child)
             return 0
-        result = boot.run(vm, kernel=kernel, accel=accel, cache_root=root)
-    print(result.render())
+        qemu = boot.qemu_version(vm.spec.qemu, cache_root=root)
+        head = boot.header_lines(kernel.name, kernel.release, qemu, accel, args.boot_path)
+        print("\n".join(head), flush=True)
+        with BootProgress(vm, sys.stdout, live=sys.stdout.isatty()) as progress:
+            result = boot.run(vm, kernel=kernel, accel=accel, cache_root=root)
+            progress.finish(result.marks)
+    print("\n".join(result.end_lines()))
+    upkeep.prune_now(root)  # at most hourly: every boot adds a folder under runs/
     return result.outcome.cli_exit

@@ -11,6 +11,7 @@ command it runs by name).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import select
 import sys
@@ -24,7 +25,7 @@ from typing import Any
 
 import pexpect
 
-from harness import compression
+from harness import cachefs, compression
 from harness.cache import cache_root
 from harness.cli.parsing import USAGE_EXIT as USAGE_EXIT
 from harness.cli.parsing import Parser as Parser
@@ -39,9 +40,22 @@ from harness.kernel.catalogue import (
     find_catalogue,
     load_catalogue,
 )
+from harness.kernel.provision import Kernel
 from harness.outcome import ConfigError
 from harness.snapshot.store import MECHANISMS
+from harness.storage import attach as storage_attach
+from harness.storage import bootpaths, controllers
+from harness.storage.bootpaths import BootSpec
+from harness.storage.controllers import Disk
 from harness.vm.accel import VALID_REQUESTS, KvmFallbackWarning, choose_accelerator
+from harness.vm.boot import BootRequest
+from harness.vm.deadlines import Deadlines
+from harness.vm.kernel_warnings import DEFAULT_MODE as DEFAULT_WARNING_MODE
+from harness.vm.kernel_warnings import MODES as WARNING_MODES
+from harness.vm.kernel_warnings import WarningPolicy, policy
+from harness.vm.patterns import ConsoleVerdict
+from harness.vm.sandbox import DEDICATED_USER, FALLBACK_USER, SANDBOX_CHOICES, Sandbox
+from harness.vm.sandbox import from_options as sandbox_from_options
 
 ESCAPE = b"\x1d"  # Ctrl-], as telnet and virsh console use
 
@@ -96,6 +110,11 @@ def one_kernel(catalogue: Catalogue, selector: str | None) -> KernelEntry:
     return entries[0]
 
 
+def boot_spec(args: argparse.Namespace) -> BootSpec:
+    """The boot path the options ask for (``--boot-path``, ``--boot-controller``)."""
+    return BootSpec(bootpaths.get(args.boot_path), controller=args.boot_controller)
+
+
 def initramfs_spec(args: argparse.Namespace, after: str | None = None) -> initramfs.InitramfsSpec:
     variables: dict[str, Any] = dict(pairs(args.variables, "--var", "NAME=VALUE"))
     if args.commands:
@@ -103,10 +122,14 @@ def initramfs_spec(args: argparse.Namespace, after: str | None = None) -> initra
     if after is not None:
         variables["after"] = after
     files = {name: Path(host) for name, host in pairs(args.files, "--file", "ARCHIVE_PATH=HOST")}
+    modules = tuple(args.modules)
+    if getattr(args, "boot_path", None) and not bootpaths.get(args.boot_path).direct:
+        # The guest sees the disk it booted from (as the boot fixture does).
+        modules = tuple(dict.fromkeys((*controllers.get(args.boot_controller).modules, *modules)))
     return initramfs.InitramfsSpec(
         template=args.template,
         variables=variables,
-        modules=tuple(args.modules),
+        modules=modules,
         files=files,
         compression=args.compression,
         template_dirs=tuple(args.dirs),
@@ -124,17 +147,22 @@ def pairs(values: Sequence[str], option: str, form: str) -> list[tuple[str, str]
 
 
 def new_run_dir(root: Path, label: str) -> Path:
-    """A new folder ``<root>/runs/<timestamp>-<label>`` for one run's files (never reused)."""
+    """A new folder ``<root>/runs/<timestamp>-<label>`` for one run's files (never reused).
+
+    Raises:
+        CacheFull, CacheReadOnly, CacheDenied: the cache's file system refused the folder.
+    """
     base = root / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{label}"
-    base.parent.mkdir(parents=True, exist_ok=True)
-    candidate, n = base, 1
-    while True:
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:  # two runs in the same second
-            n += 1
-            candidate = base.with_name(f"{base.name}.{n}")
+    with cachefs.writing(base, "making a folder for the run's files"):
+        base.parent.mkdir(parents=True, exist_ok=True)
+        candidate, n = base, 1
+        while True:
+            try:
+                candidate.mkdir()
+                return candidate
+            except FileExistsError:  # two runs in the same second
+                n += 1
+                candidate = base.with_name(f"{base.name}.{n}")
 
 
 def attach(child: Any) -> None:
@@ -200,12 +228,60 @@ def add_boot_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cmdline", default="", metavar="EXTRA", help="extra kernel command line")
     parser.add_argument(
+        "--boot-path",
+        choices=list(bootpaths.BOOT_PATHS),
+        default=bootpaths.DEFAULT_BOOT_PATH,
+        help="how the machine reaches the kernel (default: pvh)",
+    )
+    parser.add_argument(
+        "--boot-controller",
+        choices=list(controllers.CONTROLLERS),
+        default=bootpaths.DEFAULT_BOOT_CONTROLLER,
+        help="the controller of the boot disk, on paths through one (default: ahci)",
+    )
+    parser.add_argument(
+        "--kernel-warnings",
+        choices=WARNING_MODES,
+        default=DEFAULT_WARNING_MODE,
+        help="what kernel warnings (WARN, lockdep, sleeping in atomic context, RCU stalls, "
+        "hung tasks) do: fail the boot, report them (default), or ignore them",
+    )
+    parser.add_argument(
+        "--kernel-warnings-allowlist",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="known warnings ([[warning]] tables with regex and reason): never fail a boot",
+    )
+    parser.add_argument(
+        "--qemu-sandbox",
+        choices=SANDBOX_CHOICES,
+        default="on",
+        help="QEMU's seccomp sandbox (default on; off: QEMU also keeps our user)",
+    )
+    parser.add_argument(
+        "--qemu-user",
+        metavar="USER",
+        help="whom QEMU runs as once set up (name or UID:GID; none: stay); default, as root: "
+        f"{DEDICATED_USER} if that user exists, else {FALLBACK_USER}",
+    )
+    parser.add_argument(
         "--workdir",
         type=Path,
         metavar="DIR",
         help="folder for the run's files (default: under <cache>/runs)",
     )
     add_snapshot_option(parser)
+
+
+def warnings_policy(args: argparse.Namespace) -> WarningPolicy:
+    """The kernel warnings policy of a boot's options (see :func:`add_boot_options`).
+
+    Raises:
+        ConfigError: an allowlist file is unreadable or invalid.
+    """
+    return policy(args.kernel_warnings, args.kernel_warnings_allowlist)
 
 
 def accelerator(requested: str, root: Path) -> str:
@@ -217,3 +293,160 @@ def accelerator(requested: str, root: Path) -> str:
     if choice.requested == "auto" and choice.name == "tcg":
         print(f"bootharness: using tcg: {choice.reason}", file=sys.stderr)
     return choice.name
+
+
+DEFAULT_DISK_CONTROLLER = "virtio-blk"
+
+
+def add_foreign_options(parser: argparse.ArgumentParser, *, initrd: bool = True) -> None:
+    """Options of a boot of any image and any init: a prebuilt initrd, disks, the root, the
+    console patterns that judge an init without markers, and an overlay."""
+    group = parser.add_argument_group("any initrd, any init (console verdicts)")
+    if initrd:
+        group.add_argument(
+            "--initrd",
+            type=Path,
+            metavar="FILE",
+            help="boot this prebuilt image as it is (no template; any compression the kernel "
+            "unpacks, early+main concatenations too)",
+        )
+    group.add_argument(
+        "--disk",
+        action="append",
+        default=[],
+        dest="disks",
+        metavar="IMAGE[:CONTROLLER]",
+        help="attach a disk (copy-on-write overlay; repeatable; controller default "
+        f"{DEFAULT_DISK_CONTROLLER}: {', '.join(controllers.CONTROLLERS)})",
+    )
+    group.add_argument(
+        "--root",
+        metavar="SPEC",
+        help="the root: root= of the kernel (with --initrd) or the "
+        "template's root variable (/dev/sda, LABEL=x, UUID=...)",
+    )
+    group.add_argument(
+        "--expect",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="a console line that means success (repeatable, matched in order)",
+    )
+    group.add_argument(
+        "--fail",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="a console line that means TEST_FAIL (repeatable; besides the shipped table of "
+        "root failures)",
+    )
+    group.add_argument(
+        "--no-root-failures",
+        action="store_const",
+        const=False,
+        default=None,
+        dest="root_failures",
+        help="do not judge by the shipped table of initramfs-tools/dracut/kernel root failures",
+    )
+    group.add_argument(
+        "--markers",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="whether the init prints bootharness markers (default: yes for templates unless "
+        "they declare markers=off, no for --initrd)",
+    )
+    group.add_argument(
+        "--overlay",
+        action="append",
+        default=[],
+        dest="overlays",
+        metavar="PATH=HOSTPATH",
+        help="append an archive holding HOSTPATH at PATH to the image (repeatable)",
+    )
+
+
+def parse_disk(text: str) -> Disk:
+    """``IMAGE[:CONTROLLER]`` -> a :class:`Disk` (the suffix counts only when it names a
+    controller, so image paths with colons still work).
+
+    Raises:
+        ConfigError: the image does not exist.
+    """
+    image, sep, name = text.rpartition(":")
+    if not sep or name not in controllers.CONTROLLERS:
+        image, name = text, DEFAULT_DISK_CONTROLLER
+    path = Path(image).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"--disk {text}: no disk image {path}")
+    return Disk(path, name)
+
+
+def boot_request(
+    args: argparse.Namespace,
+    kernel: Kernel,
+    *,
+    accel: str,
+    deadlines: Deadlines,
+    after: str | None = None,
+    initrd: Path | None = None,
+) -> BootRequest:
+    """The :class:`BootRequest` of a ``bootharness boot``-like command line.
+
+    Raises:
+        ConfigError: template options with ``--initrd``, a missing image or disk, a bad
+            regex, or an init without markers and no ``--expect``.
+    """
+    initrd = initrd if initrd is not None else getattr(args, "initrd", None)
+    spec = initramfs_spec(args, after=after)
+    cmdline = args.cmdline
+    if initrd is not None:
+        if not Path(initrd).is_file():
+            raise ConfigError(f"--initrd {initrd}: no such file")
+        template_options = [args.modules, args.files, args.variables, args.commands, args.dirs]
+        if any(template_options) or args.template != templates.DEFAULT_TEMPLATE:
+            raise ConfigError(
+                "--initrd boots a prebuilt image as it is: -t/-m/--file/--var/--run/"
+                "--template-dir do not apply (use --overlay PATH=HOSTPATH to add files)"
+            )
+        if args.root:
+            cmdline = f"root={args.root} {cmdline}".strip()
+    elif args.root:
+        spec = dataclasses.replace(spec, variables={**spec.variables, "root": args.root})
+    storage = None
+    if args.disks:
+        disk_list = [parse_disk(text) for text in args.disks]
+        # (Kernel options are not checked here: harness.kernel.capabilities belongs to the
+        # pytest side; a kernel without the controller's driver fails the boot with a reason.)
+        storage = storage_attach.plan(disk_list, variables=None if initrd else spec.variables)
+        if initrd is None:
+            modules = tuple(dict.fromkeys((*storage.modules, *spec.modules)))
+            spec = dataclasses.replace(spec, modules=modules)
+    overlay = {name: Path(host) for name, host in pairs(args.overlays, "--overlay", "PATH=HOST")}
+    request = BootRequest(
+        kernel,
+        spec,
+        accel=accel,
+        deadlines=deadlines,
+        cmdline=cmdline,
+        storage=storage,
+        initrd=Path(initrd) if initrd is not None else None,
+        overlay=overlay,
+        verdict=ConsoleVerdict(tuple(args.expect), tuple(args.fail), args.root_failures),
+        markers=args.markers,
+        boot=boot_spec(args) if getattr(args, "boot_path", None) else BootSpec(),
+        kernel_warnings=(
+            warnings_policy(args) if hasattr(args, "kernel_warnings") else WarningPolicy()
+        ),
+        machine_options={"sandbox": sandbox_of(args)} if hasattr(args, "qemu_sandbox") else {},
+    )
+    if not request.prints_markers and not args.expect:
+        raise ConfigError(
+            "this init prints no bootharness markers (a prebuilt --initrd, --no-markers, or a "
+            "template declaring markers=off): say what success looks like with --expect REGEX"
+        )
+    return request
+
+
+def sandbox_of(args: argparse.Namespace) -> Sandbox:
+    """The QEMU sandbox ``--qemu-sandbox`` and ``--qemu-user`` ask for."""
+    return sandbox_from_options(args.qemu_sandbox, args.qemu_user)

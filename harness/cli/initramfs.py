@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from harness.cli import foreign as foreign_commands
 from harness.cli import text as report
 from harness.cli.common import (
     cache_of,
@@ -34,6 +35,7 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     ls.add_argument("file", type=Path, help="an initramfs: cpio, compressed or concatenated")
     ls.add_argument("--paths", action="store_true", help="print only the paths")
     ls.set_defaults(func=cmd_initramfs_ls)
+    foreign_commands.register(ramfs_commands, common)
 
 
 def cmd_initramfs_build(args: argparse.Namespace) -> int:

@@ -29,6 +29,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "initramfs": ("harness.cli.initramfs", "build or inspect initramfs images"),
     "boot": ("harness.cli.boot", "boot a kernel under QEMU"),
     "accel": ("harness.cli.accel", "say which accelerator boots use here (KVM or TCG) and why"),
+    "build": (
+        "harness.cli.build",
+        "build kernels from source into the cache (tree = ... or linux_source = ...)",
+    ),
+    "cache": ("harness.cli.cache", "verify, prune or size the cache"),
     "bisect": ("harness.cli.bisect", "find the first bad kernel between a good and a bad one"),
     "bisect-step": (
         "harness.cli.bisect",
@@ -43,7 +48,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     words = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(command_word(words))
+    word = command_word(words)
+    parser = build_parser(word) if word is not None else build_parser(overview=True)
     try:
         args = parser.parse_args(words)
     except SystemExit as done:  # --help, or a usage error
@@ -57,10 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The argument parser of ``bootharness``: complete for ``command`` (its module imported
-    and registered), every other command named with its help only. Without a command, an
-    overview parser (``--help``, usage errors)."""
+def build_parser(command: str | None = None, *, overview: bool = False) -> argparse.ArgumentParser:
+    """The argument parser of ``bootharness``: with every command's module imported and
+    registered (the default), only ``command``'s (every other command named with its help
+    only: what :func:`main` parses with), or none (``overview``: ``--help`` and usage errors
+    before a command)."""
     parser = Parser(prog="bootharness", description=__doc__.split("\n", 1)[0])
     add_global_options(parser, suppress=False)
     # The same options after the subcommand too; SUPPRESS keeps the subparser from
@@ -68,8 +75,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     common = Parser(add_help=False)
     add_global_options(common, suppress=True)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    if command in COMMANDS:
-        importlib.import_module(COMMANDS[command][0]).register(commands, common)
+    if overview:
+        wanted: list[str] = []
+    elif command is None:
+        wanted = list(dict.fromkeys(module for module, _ in COMMANDS.values()))
+    else:
+        wanted = [COMMANDS[command][0]] if command in COMMANDS else []
+    for module in wanted:
+        importlib.import_module(module).register(commands, common)
     for name, (_, summary) in COMMANDS.items():
         if name not in commands.choices:
             commands.add_parser(name, help=summary)

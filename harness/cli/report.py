@@ -10,8 +10,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from harness.cli import text
 from harness.outcome import ConfigError
-from harness.report import history, merge
+from harness.report import history, merge, view
 
 
 def register(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -48,6 +49,11 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
         action="store_true",
         help="copy the failures' reproduction bundles to <name>-bundles/ next to the page",
     )
+    join.add_argument(
+        "--columns",
+        choices=view.COLUMN_DIMENSIONS,
+        help="the dimension the page's columns follow (default: the one the run varies most)",
+    )
     join.set_defaults(func=cmd_merge)
 
 
@@ -62,12 +68,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
         main.parent / f"{stem}-logs",
         bundle_dir=main.parent / f"{stem}-bundles" if args.copy_bundles else None,
     )
-    merge.write(merged, args.output, args.json, runs)
-    summary = ", ".join(f"{n} {outcome}" for outcome, n in merged.results.summary().items())
+    merge.write(merged, args.output, args.json, runs, columns=args.columns)
+    records = merged.results.records
+    summary = ", ".join(f"{n} {outcome}" for outcome, n in view.outcome_counts(records))
     print(
-        f"merged {len(merged.results.records)} tests from {len(args.inputs)} files "
+        f"merged {len(records)} tests from {len(args.inputs)} files "
         f"({summary or 'no tests'}), {len(runs)} earlier runs"
     )
+    if records:
+        print("\n".join(text.table(view.kernel_summary(records))))
     for what in merged.missing:
         print(f"not found: {what}")
     for path in (args.output, args.json):

@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.bisect.search import BisectResult
 from harness.image.cpio import Entry, EntryKind
 from harness.image.initramfs import Initramfs
-from harness.kernel.catalogue import DebianPackage, KernelEntry
+from harness.kernel.catalogue import DebianPackage, KernelEntry, SourceTree
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,12 @@ class KernelRow:
 
 
 def source_of(entry: KernelEntry) -> str:
-    """The package name of a Debian kernel, the vmlinuz path of a local one."""
+    """The package name of a Debian kernel, the vmlinuz path of a local one, the tree (and
+    base config) of one built from source."""
     if isinstance(entry.source, DebianPackage):
         return entry.source.package
+    if isinstance(entry.source, SourceTree):
+        return f"build: {entry.source.label} ({entry.source.config})"
     return str(entry.source.vmlinuz)
 
 
@@ -94,3 +98,35 @@ def build_summary(image: Initramfs, copied_to: Path | None) -> list[str]:
     if copied_to is not None:
         lines.append(f"copied:  {copied_to}")
     return lines
+
+
+def bisect_table(result: BisectResult) -> list[str]:
+    """Every candidate of a bisection in order with what was found about it: outcome, verdict,
+    time and whether it booted or came from the cache; the last good and first bad marked."""
+    rows = [["CANDIDATE", "OUTCOME", "VERDICT", "TIME", "HOW", ""]]
+    for candidate in result.candidates:
+        step = result.step_of(candidate)
+        mark = (
+            "<- first bad"
+            if candidate == result.first_bad
+            else "<- last good"
+            if candidate == result.last_good
+            else "<- could be"
+            if candidate in result.suspects
+            else ""
+        )
+        if step is None:
+            rows.append([candidate, "-", "untested", "-", "-", mark])
+            continue
+        how = "cached" if step.observation.cached else "booted"
+        rows.append(
+            [
+                candidate,
+                step.outcome.name,
+                step.verdict.value,
+                f"{step.seconds:.1f} s",
+                how,
+                mark,
+            ]
+        )
+    return table(rows)

@@ -384,11 +384,75 @@ def _read_decompressed(buf: bytes, where: _Where) -> list[Entry]:
 
 
 def _read_one_archive(buf: bytes, pos: int, where: _Where) -> tuple[list[Entry], int]:
-    """Parse members from ``pos`` up to and including the trailer; return them and the
-    offset just after the trailer."""
-    start = pos
+    """Parse members from ``pos`` up to and including the trailer; return them as entries
+    (hard links filled in) and the offset just after the trailer."""
+    members, end = read_members(buf, pos, where)
     entries: list[Entry] = []
     hard_links: dict[tuple[int, int, int], list[int]] = {}
+    for member in members:
+        entry = _make_entry(member, where(member.offset))
+        if entry is None:
+            continue
+        if entry.kind is EntryKind.FILE and member.nlink > 1:
+            key = (*member.dev, member.ino)
+            hard_links.setdefault(key, []).append(len(entries))
+        entries.append(entry)
+    _fill_hard_links(entries, hard_links)
+    return entries, end
+
+
+@dataclass(frozen=True)
+class Member:
+    """One archive member exactly as stored: the name as written and every header field.
+
+    :class:`Entry` is what an image *means* (normalised paths, hard links filled in);
+    a Member is what the archive *holds*, so an archive read with :func:`read_members` and
+    written with :func:`write_members` keeps its names, order, owners, times, inode numbers
+    and hard links (GNU cpio stores a hard-linked file's data once, with its last link; the
+    other links have no data). ``mode`` includes the file type bits; ``data`` is the file
+    content or a symlink's target. ``offset`` is where the header was read (0 for new ones).
+    """
+
+    name: str
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    nlink: int = 1
+    mtime: int = 0
+    ino: int = 0
+    dev: tuple[int, int] = (0, 0)
+    rdev: tuple[int, int] = (0, 0)
+    data: bytes = b""
+    offset: int = 0
+
+    @property
+    def path(self) -> str:
+        """The normalised path ("" for the archive's root, ``.``)."""
+        path = _normalise(self.name)
+        return "" if path == "." else path
+
+    @property
+    def kind(self) -> EntryKind | None:
+        """The file type, or None for one an initramfs cannot hold (fifo, socket)."""
+        return _KIND_BY_BITS.get(self.mode & _S_IFMT)
+
+    def __repr__(self) -> str:
+        return (
+            f"Member({self.name!r}, mode={self.mode:#o}, nlink={self.nlink}, size={len(self.data)})"
+        )
+
+
+def read_members(
+    buf: bytes, pos: int = 0, where: _Where = _plain_where
+) -> tuple[list[Member], int]:
+    """Read one archive that starts at ``pos`` of ``buf`` up to its ``TRAILER!!!``, member
+    by member, exactly as stored; returns the members and the offset just after the trailer.
+
+    Raises:
+        ValueError: bad magic, header, name, checksum or truncation; the message says where.
+    """
+    start = pos
+    members: list[Member] = []
     while True:
         if pos >= len(buf):
             raise ValueError(
@@ -418,8 +482,7 @@ def _read_one_archive(buf: bytes, pos: int, where: _Where) -> tuple[list[Entry],
         data_start = _align4(name_end)
         data_end = data_start + fields["filesize"]
         if name == TRAILER:
-            _fill_hard_links(entries, hard_links)
-            return entries, min(_align4(data_end), len(buf))
+            return members, min(_align4(data_end), len(buf))
         if data_end > len(buf):
             raise ValueError(
                 f"truncated cpio data of {name!r} at {where(pos)}: it claims "
@@ -433,15 +496,68 @@ def _read_one_archive(buf: bytes, pos: int, where: _Where) -> tuple[list[Entry],
                     f"bad checksum of {name!r} at {where(pos)}: the header says "
                     f"{fields['check']:#x}, the data sums to {total:#x}"
                 )
-        entry = _make_entry(name, fields, payload, where(pos))
-        if entry is not None:
-            if entry.kind is EntryKind.FILE and fields["nlink"] > 1:
-                key = (fields["devmajor"], fields["devminor"], fields["ino"])
-                hard_links.setdefault(key, []).append(len(entries))
-            entries.append(entry)
+        members.append(
+            Member(
+                name=name,
+                mode=fields["mode"],
+                uid=fields["uid"],
+                gid=fields["gid"],
+                nlink=fields["nlink"],
+                mtime=fields["mtime"],
+                ino=fields["ino"],
+                dev=(fields["devmajor"], fields["devminor"]),
+                rdev=(fields["rdevmajor"], fields["rdevminor"]),
+                data=payload,
+                offset=pos,
+            )
+        )
         pos = _align4(data_end)
         if pos > len(buf):
             raise ValueError(f"truncated cpio padding after {name!r} at {where(pos)}")
+
+
+def write_members(members: Iterable[Member], *, block: int = BLOCK_SIZE) -> bytes:
+    """One newc archive holding ``members`` exactly as given (order, names, every field),
+    then the trailer, padded to a multiple of ``block`` bytes (512, as GNU cpio pads).
+
+    Nothing is added or sorted: the caller decides the layout (see :func:`write_archive`
+    for the normalising writer).
+
+    Raises:
+        ValueError: a name that is empty or holds a NUL byte, or a field out of range.
+    """
+    out = bytearray()
+    for member in members:
+        if not member.name or "\0" in member.name:
+            raise ValueError(f"cpio member name {member.name!r} is empty or holds a NUL byte")
+        name = _encode(member.name) + b"\0"
+        fields = (
+            member.ino,
+            member.mode,
+            member.uid,
+            member.gid,
+            member.nlink,
+            member.mtime,
+            len(member.data),
+            *member.dev,
+            *member.rdev,
+            len(name),
+            0,
+        )
+        if any(not 0 <= value <= _U32_MAX for value in fields):
+            raise ValueError(f"cpio member {member.name!r}: a header field is out of range")
+        header = MAGIC_NEWC + b"".join(b"%08X" % value for value in fields)
+        _append_member(out, header, name, member.data)
+    trailer = TRAILER.encode() + b"\0"
+    _append_member(
+        out,
+        _header(ino=0, mode=0, nlink=1, mtime=0, filesize=0, rdev=(0, 0), namesize=len(trailer)),
+        trailer,
+        b"",
+    )
+    if block > 1:
+        out += b"\0" * (-len(out) % block)
+    return bytes(out)
 
 
 def _parse_header(header: bytes, where: str) -> dict[str, int]:
@@ -474,22 +590,21 @@ def _normalise(name: str) -> str:
             return name
 
 
-def _make_entry(name: str, fields: dict[str, int], payload: bytes, where: str) -> Entry | None:
-    path = _normalise(name)
-    if path in ("", "."):
+def _make_entry(member: Member, where: str) -> Entry | None:
+    path = member.path
+    if not path:
         return None
-    mode = fields["mode"]
-    kind = _KIND_BY_BITS.get(mode & _S_IFMT)
+    kind = member.kind
     if kind is None:
         raise ValueError(
-            f"cpio entry {name!r} at {where} has mode {mode:#o} with file type "
-            f"{mode & _S_IFMT:#o}, which is not a file, directory, symlink or device node"
+            f"cpio entry {member.name!r} at {where} has mode {member.mode:#o} with file type "
+            f"{member.mode & _S_IFMT:#o}, which is not a file, directory, symlink or device node"
         )
-    rdev = (fields["rdevmajor"], fields["rdevminor"]) if kind in _DEVICES else (0, 0)
+    rdev = member.rdev if kind in _DEVICES else (0, 0)
     try:
-        return Entry(path, kind, mode & 0o7777, payload, rdev)
+        return Entry(path, kind, member.mode & 0o7777, member.data, rdev)
     except ValueError as exc:
-        raise ValueError(f"cpio entry {name!r} at {where}: {exc}") from exc
+        raise ValueError(f"cpio entry {member.name!r} at {where}: {exc}") from exc
 
 
 def _fill_hard_links(entries: list[Entry], groups: dict[tuple[int, int, int], list[int]]) -> None:

@@ -123,7 +123,7 @@ def build(kernel: Kernel, spec: InitramfsSpec, cache_root: Path) -> Initramfs:
         archive = cpio.write_archive(entries, mtime=mtime)
         partial.write_bytes(compression.compress(archive, spec.compression))
 
-    built = cache.build_once(target, write)
+    built = cache.build_once(target, write, adopt=check_image)
     log.info("initramfs %s (%s)", target, "built" if built else "cache hit")
     image = Initramfs(target, key, built, tuple(modules), init_script)
     if plan is not None:
@@ -195,6 +195,17 @@ def render_init(spec: InitramfsSpec, module_paths: Sequence[str], cache_root: Pa
     if plan is not None:
         plan.keep({"script": script}, [])
     return script
+
+
+def check_image(path: Path) -> None:
+    """Check that ``path`` is a whole (compressed) newc archive: what an image made by an
+    older harness, which has no manifest, must pass to be used.
+
+    Raises:
+        ValueError: it does not decompress or its archive is cut short (the message says).
+    """
+    data = compression.decompress(path.read_bytes())
+    cpio.read_archive(data)
 
 
 def resolve_modules(kernel: Kernel, names: Sequence[str]) -> list[ModuleFile]:

@@ -47,12 +47,18 @@ def build(
     after: str = "poweroff",
     identity: str | None = None,
     files: Mapping[str, bytes] | None = None,
+    init: str | None = None,
+    first_init: bool = False,
 ) -> RootFs:
     """Fill ``folder`` (created, must be empty) with a minimal root file system.
 
     ``commands`` are shell snippets the new root's init runs in order after its checks
     (inserted as code; a non-zero status is a FAIL naming the command). ``after`` is what
     the init does once it printed PASS. ``files`` maps paths inside the root to contents.
+    ``init`` replaces the harness's ``/sbin/init`` with a script of the test's own (one that
+    prints no markers, judged by console patterns; ``commands`` and ``after`` then do nothing).
+    ``first_init`` is for roots the kernel mounts itself (NFS root, a RAM disk, a legacy
+    initrd's real root): no initramfs init ran before, so this init announces INIT-START.
 
     Raises:
         ConfigError: the folder is not empty, a bad ``after`` action or file path, or the
@@ -65,15 +71,23 @@ def build(
     if any(folder.iterdir()):
         raise ConfigError(f"rootfs folder {folder} is not empty; give a new folder")
     identity = identity or secrets.token_hex(8)
-    script = templates.render(
-        TEMPLATE, {"identity": identity, "after": after, "commands": list(commands)}
-    )
+    script = init
+    if script is None:
+        script = templates.render(
+            TEMPLATE,
+            {
+                "identity": identity,
+                "after": after,
+                "commands": list(commands),
+                "first_init": first_init,
+            },
+        )
     for name in _FOLDERS:
         (folder / name).mkdir(parents=True, exist_ok=True)
     _install_busybox(folder)
-    init = folder / "sbin" / "init"
-    init.write_text(script)
-    init.chmod(0o755)
+    init_path = folder / "sbin" / "init"
+    init_path.write_text(script)
+    init_path.chmod(0o755)
     (folder / IDENTITY_FILE).write_text(identity + "\n")
     (folder / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     (folder / "etc" / "group").write_text("root:x:0:\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import subprocess
 import tempfile
@@ -127,6 +128,50 @@ def render(
     if check_syntax:
         check_shell_syntax(text, name=template)
     return text
+
+
+# A template declares settings for the harness in a Jinja comment of its own, which renders
+# to nothing: ``{# bootharness: markers=off #}``.
+_DECLARATION = re.compile(r"\{#-?\s*bootharness:(?P<body>[^#]*?)-?#\}")
+
+
+def declarations(template: str, *, extra_dirs: Sequence[Path] = ()) -> dict[str, str]:
+    """The ``{# bootharness: key=value ... #}`` settings ``template`` declares in its source.
+
+    Raises:
+        TemplateError: the template cannot be found, or a declaration is not key=value.
+    """
+    env = environment(extra_dirs)
+    assert env.loader is not None
+    try:
+        source = env.loader.get_source(env, template)[0]
+    except jinja2.TemplateNotFound:
+        searched = ", ".join(str(d) for d in template_dirs(extra_dirs))
+        raise TemplateError(f"init template {template!r} not found in: {searched}") from None
+    settings: dict[str, str] = {}
+    for match in _DECLARATION.finditer(source):
+        for word in match.group("body").split():
+            key, sep, value = word.partition("=")
+            if not sep or not key:
+                raise TemplateError(
+                    f"init template {template!r}: declaration {word!r} is not key=value "
+                    "(e.g. {# bootharness: markers=off #})"
+                )
+            settings[key] = value
+    return settings
+
+
+def prints_markers(template: str, *, extra_dirs: Sequence[Path] = ()) -> bool:
+    """Whether the init rendered from ``template`` prints the harness's markers: yes unless
+    it declares ``{# bootharness: markers=off #}`` (a user's own init; see harness.vm.patterns).
+
+    Raises:
+        TemplateError: the template cannot be found, or ``markers`` is neither on nor off.
+    """
+    value = declarations(template, extra_dirs=extra_dirs).get("markers", "on")
+    if value not in ("on", "off"):
+        raise TemplateError(f"init template {template!r}: markers={value!r}: use on or off")
+    return value == "on"
 
 
 def list_templates(extra_dirs: Sequence[Path] = ()) -> list[str]:

@@ -26,6 +26,9 @@ _SETUP_SECTS_OFFSET = 0x1F1
 # ELF note that marks a PVH entry point (Xen's ELF note numbering; QEMU looks for it).
 _XEN_ELFNOTE_PHYS32_ENTRY = 18
 _PT_NOTE = 4
+# The MS-DOS header's pointer to the PE header; the EFI stub keeps both in the boot sector.
+_PE_POINTER_OFFSET = 0x3C
+_PE_PROBE = 0x10000
 
 
 def _header(data: bytes, path: Path) -> None:
@@ -96,6 +99,22 @@ def has_pvh_entry(elf: bytes) -> bool:
         if _notes_have_pvh(elf[offset : offset + filesz]):
             return True
     return False
+
+
+def has_efi_stub(bzimage: Path) -> bool:
+    """True when the bzImage is also a PE/COFF image firmware can start: built with
+    ``CONFIG_EFI_STUB`` (the setup header then begins with the MS-DOS ``MZ`` signature and
+    points at a ``PE\\0\\0`` header; without the stub it begins with a plain boot sector).
+
+    Raises:
+        ConfigError: the file is not a bzImage.
+    """
+    data = bzimage.read_bytes()[:_PE_PROBE]
+    _header(data, bzimage)
+    if data[:2] != b"MZ":
+        return False
+    pe_offset = struct.unpack_from("<I", data, _PE_POINTER_OFFSET)[0]
+    return data[pe_offset : pe_offset + 4] == b"PE\0\0"
 
 
 def _notes_have_pvh(notes: bytes) -> bool:

@@ -1,9 +1,11 @@
 """What a kernel can do, from its build configuration; skip tests it cannot run.
 
-An option is satisfied when the kernel has it built in or as a module (``y`` or ``m``).
-``"A|B"`` is satisfied by either (ext2 is served by ``CONFIG_EXT2_FS`` or by ext4 with
-``CONFIG_EXT4_USE_FOR_EXT2``). A kernel whose configuration is unknown (a local build
-without ``config =``) is never skipped: the boot itself then tells.
+An option is satisfied when the kernel has it built in or as a module (``y`` or ``m``);
+``"CONFIG_X=y"`` only when it is built in (what the kernel needs before any module can load,
+like the RAM disk of a legacy initrd). ``"A|B"`` is satisfied by either (ext2 is served by
+``CONFIG_EXT2_FS`` or by ext4 with ``CONFIG_EXT4_USE_FOR_EXT2``). A kernel whose
+configuration is unknown (a local build without ``config =``) is never skipped: the boot
+itself then tells.
 """
 
 from __future__ import annotations
@@ -24,8 +26,23 @@ def missing(kernel: Kernel, options: Iterable[str]) -> list[str]:
     return [
         option
         for option in dict.fromkeys(options)
-        if not any(kernel.has_config(alt.strip()) for alt in option.split("|"))
+        if not any(_has(kernel, alt.strip()) for alt in option.split("|"))
     ]
+
+
+def _has(kernel: Kernel, option: str) -> bool:
+    name, equals, value = option.partition("=")
+    if equals:
+        return kernel.config.get(name) == value
+    return kernel.has_config(option)
+
+
+def _described(kernel: Kernel, option: str) -> str:
+    """``CONFIG_X=y (has m)`` for a value requirement the kernel meets otherwise."""
+    name, equals, _ = option.partition("=")
+    if equals and "|" not in option:
+        return f"{option} (has {kernel.config.get(name, 'not set')})"
+    return option
 
 
 def lacks_reason(kernel: Kernel, requirements: Mapping[str, Iterable[str]]) -> str | None:
@@ -36,7 +53,7 @@ def lacks_reason(kernel: Kernel, requirements: Mapping[str, Iterable[str]]) -> s
     """
     reasons = []
     for what, options in requirements.items():
-        lacking = missing(kernel, options)
+        lacking = [_described(kernel, option) for option in missing(kernel, options)]
         if lacking:
             reasons.append(f"{', '.join(lacking)}, needed by {what}")
     if not reasons:

@@ -1,8 +1,9 @@
 """Parse and validate ``kernels.toml``, the catalogue of kernels bootharness knows.
 
 The file holds an optional top-level ``default`` (a kernel name) and one ``[kernels."NAME"]``
-table per kernel. A kernel comes either from a Debian package (``debian_package``) or from
-local files (``vmlinuz``, and optionally ``modules``, ``config``, ``system_map``); every kernel
+table per kernel. A kernel comes from a Debian package (``debian_package``), from local files
+(``vmlinuz``, and optionally ``modules``, ``config``, ``system_map``) or from a kernel tree the
+harness builds (``tree`` or ``linux_source``, with ``config``, ``fragments``); every kernel
 may carry ``tags``, extra ``cmdline`` text and a ``note``. See the shipped ``kernels.toml``.
 
 Everything is checked when the file is loaded, and every problem is reported at once in one
@@ -17,6 +18,10 @@ Everything is checked when the file is loaded, and every problem is reported at 
   (not of a symlink's target); paths are stored resolved. They must exist when the file loads,
   so a typo fails before any VM starts. A ``modules`` folder without ``modules.dep`` is fine
   (depmod makes one), but it must be a folder.
+* A kernel built from source (``tree`` or ``linux_source``) takes ``config`` as its base
+  configuration (``minimal``, a make target, ``kernel:NAME`` or a file), ``fragments`` (files,
+  or names of fragments shipped in ``harness/kernel/fragments``) and ``debug_info``.
+  ``kernel:NAME`` must name a kernel of the same file that is not itself built from source.
 * ``debian_package`` must name a versioned kernel image (``linux-image-<version>...``): a
   meta-package such as ``linux-image-amd64`` holds no kernel and drifts between runs, and
   ``-dbg`` packages hold only debug symbols.
@@ -24,6 +29,7 @@ Everything is checked when the file is loaded, and every problem is reported at 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import logging
@@ -52,16 +58,44 @@ _IMAGE_PACKAGE_RE = re.compile(r"linux-image-[0-9][a-z0-9+.-]*\Z")
 _EXAMPLE_PACKAGE = "linux-image-6.1.0-56-amd64-unsigned"
 _TOML_POSITION_RE = re.compile(r"\s*\(at (?:line (\d+), column (\d+)|end of document)\)\Z")
 
+# The harness's own config fragments (package data), named in ``fragments`` by bare name.
+SHIPPED_FRAGMENTS = Path(__file__).resolve().parent / "fragments"
+# Base configs a source kernel may start from without a file: the harness's minimal kernel,
+# the tree's make targets, or ``kernel:NAME`` (the config of another kernel of the file).
+MINIMAL_CONFIG = "minimal"
+_CONFIG_TARGET_RE = re.compile(
+    r"(?:def|tiny|allno|allmod|allyes|alldef)config\Z|[a-z0-9_]+_defconfig\Z"
+)
+_SOURCE_PACKAGE_RE = re.compile(r"linux-source-[0-9]+\.[0-9]+\Z")
+_FRAGMENT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]*\Z")
+
 _TOP_KEYS = ("default", "kernels")
 _LOCAL_ONLY_KEYS = ("modules", "config", "system_map")
-_KERNEL_KEYS = ("debian_package", "vmlinuz", *_LOCAL_ONLY_KEYS, "tags", "cmdline", "note")
+_SOURCE_KEYS = ("tree", "linux_source")
+_SOURCE_ONLY_KEYS = ("fragments", "debug_info")
+_KERNEL_KEYS = (
+    "debian_package",
+    "vmlinuz",
+    *_SOURCE_KEYS,
+    *_LOCAL_ONLY_KEYS,
+    *_SOURCE_ONLY_KEYS,
+    "debug_symbols",
+    "tags",
+    "cmdline",
+    "note",
+)
 
 
 @dataclass(frozen=True)
 class DebianPackage:
-    """A kernel provisioned from a Debian ``linux-image-*`` package."""
+    """A kernel provisioned from a Debian ``linux-image-*`` package.
+
+    ``debug_symbols`` also fetches the matching ``-dbg`` package (large: hundreds of MB) for
+    its real System.map and its vmlinux with debug info, so traces show file:line.
+    """
 
     package: str
+    debug_symbols: bool = False
 
 
 @dataclass(frozen=True)
@@ -74,7 +108,34 @@ class LocalFiles:
     system_map: Path | None = None
 
 
-KernelSource = DebianPackage | LocalFiles
+@dataclass(frozen=True)
+class SourceTree:
+    """A kernel the harness builds from source (:mod:`harness.kernel.source`).
+
+    The tree is a folder (``tree``, git or not) or Debian's kernel source package
+    (``package``, e.g. ``linux-source-6.1``, unpacked once into the cache). ``config`` is the
+    base configuration: :data:`MINIMAL_CONFIG` (``make tinyconfig`` plus the shipped minimal
+    fragment), a make target of the tree (``defconfig``, ``tinyconfig``,
+    ``x86_64_defconfig``...), ``kernel:NAME`` (the config of ``base_kernel``) or a file
+    (``config_file``). ``fragments`` are applied on top, in order; every option they set
+    must survive ``olddefconfig``.
+    """
+
+    tree: Path | None = None
+    package: str = ""
+    config: str = MINIMAL_CONFIG
+    config_file: Path | None = None
+    base_kernel: KernelEntry | None = None
+    fragments: tuple[Path, ...] = ()
+    debug_info: bool = False
+
+    @property
+    def label(self) -> str:
+        """The tree as a person names it: the package, or the folder."""
+        return self.package or str(self.tree)
+
+
+KernelSource = DebianPackage | LocalFiles | SourceTree
 
 
 @dataclass(frozen=True)
@@ -86,6 +147,7 @@ class KernelEntry:
     tags: tuple[str, ...] = ()
     cmdline: str = ""
     note: str = ""
+    origin: Path | None = None  # the kernels.toml it came from, for messages about it
 
     def matches(self, selector: str) -> bool:
         """True if ``selector`` is this kernel's name, one of its tags, or ``tag:`` + a tag."""
@@ -283,6 +345,8 @@ class _Validator:
         # `default` that names it look wrong nor hides a tag that clashes with a name.
         self.names: list[str] = []
         self.tags_of: dict[str, tuple[str, ...]] = {}
+        # Source kernels whose config is another kernel's (config = "kernel:NAME").
+        self.base_of: dict[str, str] = {}
 
     def problem(self, message: str, kernel: str | None = None, key: str | None = None) -> None:
         where = str(self.path)
@@ -301,9 +365,38 @@ class _Validator:
         entries = self.kernels(self.data.get("kernels"))
         default = self.default(self.names)
         self.cross_check(default)
+        entries = self.resolve_bases(entries)
         if self.problems:
             raise CatalogueError(self.path, self.problems)
         return Catalogue(path=self.path, kernels=tuple(entries), default=default)
+
+    def resolve_bases(self, entries: list[KernelEntry]) -> list[KernelEntry]:
+        """Give each ``config = "kernel:NAME"`` source kernel the entry of NAME."""
+        by_name = {entry.name: entry for entry in entries}
+        resolved = []
+        for entry in entries:
+            base = self.base_of.get(entry.name)
+            if base is not None and isinstance(entry.source, SourceTree):
+                target = by_name.get(base)
+                if base not in self.names:
+                    self.problem(
+                        f"is 'kernel:{base}', but there is no kernel {base!r} in this file"
+                        f"{_did_you_mean(base, self.names)}",
+                        kernel=entry.name,
+                        key="config",
+                    )
+                elif target is not None and isinstance(target.source, SourceTree):
+                    self.problem(
+                        f"is 'kernel:{base}', a kernel built from source too; name a Debian "
+                        "or local kernel (its config is known without a build), or a file",
+                        kernel=entry.name,
+                        key="config",
+                    )
+                elif target is not None:
+                    source = dataclasses.replace(entry.source, base_kernel=target)
+                    entry = dataclasses.replace(entry, source=source)
+            resolved.append(entry)
+        return resolved
 
     def kernels(self, table: object) -> list[KernelEntry]:
         example = (
@@ -385,17 +478,38 @@ class _Validator:
         source = self.source(name, table)
         if source is None:
             return None
-        return KernelEntry(name=name, source=source, tags=tags, cmdline=cmdline, note=note)
+        return KernelEntry(
+            name=name, source=source, tags=tags, cmdline=cmdline, note=note, origin=self.path
+        )
 
     def source(self, name: str, table: dict[str, object]) -> KernelSource | None:
         has_package, has_vmlinuz = "debian_package" in table, "vmlinuz" in table
-        if has_package and has_vmlinuz:
+        kinds = [key for key in ("debian_package", "vmlinuz", *_SOURCE_KEYS) if key in table]
+        if len(kinds) > 1:
             self.problem(
-                "has both debian_package and vmlinuz; keep one: a kernel comes either from a "
-                "Debian package or from local files",
+                f"has both {' and '.join(kinds)}; keep one: a kernel comes from a Debian package "
+                "(debian_package), local files (vmlinuz) or a source tree (tree or linux_source)",
                 kernel=name,
             )
             return None
+        if not any(key in table for key in _SOURCE_KEYS):
+            for key in _SOURCE_ONLY_KEYS:
+                if key in table:
+                    self.problem(
+                        "only applies to kernels built from source (tree = ... or "
+                        'linux_source = "linux-source-6.1"): remove it',
+                        kernel=name,
+                        key=key,
+                    )
+        if "debug_symbols" in table and not has_package:
+            self.problem(
+                "only applies to Debian packages (debian_package = ...): it fetches the "
+                "matching -dbg package; for a source kernel write debug_info = true",
+                kernel=name,
+                key="debug_symbols",
+            )
+        if any(key in table for key in _SOURCE_KEYS):
+            return self.source_tree(name, table)
         if has_package:
             for key in _LOCAL_ONLY_KEYS:
                 if key in table:
@@ -405,7 +519,17 @@ class _Validator:
                         kernel=name,
                         key=key,
                     )
-            return self.package(name, table["debian_package"])
+            found = self.package(name, table["debian_package"])
+            debug = table.get("debug_symbols", False)
+            if not isinstance(debug, bool):
+                self.problem(
+                    f"must be true or false, got {_got(debug)}; write debug_symbols = true",
+                    kernel=name,
+                    key="debug_symbols",
+                )
+            elif found is not None and debug:
+                found = dataclasses.replace(found, debug_symbols=True)
+            return found
         if has_vmlinuz:
             vmlinuz = self.local_path(name, "vmlinuz", table["vmlinuz"], "file")
             optional = {
@@ -423,10 +547,121 @@ class _Validator:
             )
         self.problem(
             f'has no source; add debian_package = "{_EXAMPLE_PACKAGE}" (a Debian kernel '
-            'package) or vmlinuz = "path/to/bzImage" (a kernel you built)',
+            'package), vmlinuz = "path/to/bzImage" (a kernel you built) or tree = "path/to/linux" '
+            "(a kernel tree the harness builds)",
             kernel=name,
         )
         return None
+
+    def source_tree(self, name: str, table: dict[str, object]) -> SourceTree | None:
+        for key in ("modules", "system_map"):
+            if key in table:
+                self.problem(
+                    "only applies to local kernels (vmlinuz = ...); a kernel built from source "
+                    "gets its modules and System.map from the build: remove it",
+                    kernel=name,
+                    key=key,
+                )
+        tree: Path | None = None
+        package = ""
+        if "tree" in table:
+            tree = self.local_path(name, "tree", table["tree"], "dir")
+            if tree is None:
+                return None
+            if not (tree / "Makefile").is_file() or not (tree / "Kconfig").is_file():
+                self.problem(
+                    f"is {table['tree']!r}: {tree} has no Makefile and Kconfig at its top; point "
+                    "it at the top of a Linux kernel tree",
+                    kernel=name,
+                    key="tree",
+                )
+                return None
+        else:
+            value = table["linux_source"]
+            if not isinstance(value, str) or not _SOURCE_PACKAGE_RE.match(value):
+                self.problem(
+                    f"is {_got(value)}, which is not a Debian kernel source package; write "
+                    'linux_source = "linux-source-6.1" (apt-cache search --names-only '
+                    "'^linux-source-' lists them)",
+                    kernel=name,
+                    key="linux_source",
+                )
+                return None
+            package = value
+        config, config_file = self.base_config(name, table.get("config", MINIMAL_CONFIG))
+        fragments = self.fragments(name, table.get("fragments", []))
+        debug_info = table.get("debug_info", False)
+        if not isinstance(debug_info, bool):
+            self.problem(
+                f"must be true or false, got {_got(debug_info)}; write debug_info = true",
+                kernel=name,
+                key="debug_info",
+            )
+            debug_info = False
+        if config is None or fragments is None:
+            return None
+        if config.startswith("kernel:"):
+            self.base_of[name] = config.removeprefix("kernel:")
+        return SourceTree(
+            tree=tree,
+            package=package,
+            config=config,
+            config_file=config_file,
+            fragments=fragments,
+            debug_info=debug_info,
+        )
+
+    def base_config(self, name: str, value: object) -> tuple[str | None, Path | None]:
+        fix = (
+            f'write config = "{MINIMAL_CONFIG}" (the harness\'s minimal kernel), "defconfig" '
+            '(or another make target), "kernel:NAME" (the config of kernel NAME) or a file path'
+        )
+        if not isinstance(value, str) or not value.strip():
+            self.problem(
+                f"must be a non-empty string, got {_got(value)}; {fix}", kernel=name, key="config"
+            )
+            return None, None
+        if value == MINIMAL_CONFIG or _CONFIG_TARGET_RE.match(value):
+            return value, None
+        if value.startswith("kernel:"):
+            if not _NAME_RE.match(value.removeprefix("kernel:")):
+                self.problem(
+                    f"is {value!r}, which names no kernel; {fix}", kernel=name, key="config"
+                )
+                return None, None
+            return value, None
+        path = self.local_path(name, "config", value, "file")
+        return (None, None) if path is None else ("file", path)
+
+    def fragments(self, name: str, value: object) -> tuple[Path, ...] | None:
+        fix = (
+            'write fragments = ["debug", "path/to/extra.config"] (a name is a fragment shipped '
+            f"with the harness: {_listing(shipped_fragments())})"
+        )
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            self.problem(
+                f"must be a list of strings, got {_got(value)}; {fix}", kernel=name, key="fragments"
+            )
+            return None
+        paths: list[Path] = []
+        for item in value:
+            if _FRAGMENT_NAME_RE.match(item) and not (self.base / item).exists():
+                shipped = SHIPPED_FRAGMENTS / f"{item}.config"
+                if not shipped.is_file():
+                    self.problem(
+                        f"has {item!r}, which is neither a file nor a shipped fragment"
+                        f"{_did_you_mean(item, shipped_fragments())}; {fix}",
+                        kernel=name,
+                        key="fragments",
+                    )
+                    return None
+                paths.append(shipped)
+                continue
+            path = self.local_path(name, "fragments", item, "file")
+            if path is None:
+                return None
+            paths.append(path)
+        return tuple(paths)
 
     def package(self, name: str, value: object) -> DebianPackage | None:
         fix = f'write debian_package = "{_EXAMPLE_PACKAGE}"'
@@ -475,9 +710,13 @@ class _Validator:
             )
             return None
         if kind == "dir" and not resolved.is_dir():
+            what = (
+                "the top of a Linux kernel tree"
+                if key == "tree"
+                else "the folder holding modules.dep and kernel/ (e.g. .../lib/modules/RELEASE)"
+            )
             self.problem(
-                f"is {value!r}: {resolved}{origin} is not a folder; point it at the folder holding "
-                "modules.dep and kernel/ (e.g. .../lib/modules/RELEASE)",
+                f"is {value!r}: {resolved}{origin} is not a folder; point it at {what}",
                 kernel=name,
                 key=key,
             )
@@ -562,6 +801,11 @@ class _Validator:
                     kernel=name,
                     key="tags",
                 )
+
+
+def shipped_fragments() -> list[str]:
+    """Names of the config fragments shipped with the harness (``minimal``, ``debug``...)."""
+    return sorted(path.stem for path in SHIPPED_FRAGMENTS.glob("*.config"))
 
 
 def _split_names(prefix: str, table: dict[str, object], depth: int = 0) -> Iterable[str]:

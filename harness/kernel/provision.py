@@ -1,32 +1,35 @@
 """Provision kernels into the cache and describe a provisioned kernel.
 
-A Debian kernel package is downloaded with ``apt-get download`` and unpacked with
-``dpkg-deb -x`` (no install, no maintainer scripts); ``depmod -b`` then writes modules.dep,
-which Debian's packages leave to their postinst. Everything happens in a scratch folder that
-is renamed into place at the end (see :func:`harness.cache.build_once`), so an interrupted
-download never counts as provisioned and two processes never provision the same kernel twice.
+A kernel built from source is built (or found) by :mod:`harness.kernel.source`, so every
+caller of :func:`provision` (boot, the fixtures, the matrix, bisect) builds on demand.
+
+A Debian kernel package is downloaded and unpacked by :mod:`harness.kernel.debian` (no
+install, no maintainer scripts). Everything happens in a scratch folder that is renamed into
+place at the end (see :func:`harness.cache.build_once`), so an interrupted download never
+counts as provisioned and two processes never provision the same kernel twice; every cached
+file (the ``.deb``, the unpacked tree, the extracted vmlinux) is checked against its manifest
+on use and rebuilt when damaged.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
+import os
+import shlex
 import shutil
+import struct
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import cache, tools
-from harness.kernel import bzimage
-from harness.kernel.catalogue import DebianPackage, KernelEntry, LocalFiles
+from harness import cache, manifest, tools
+from harness.kernel import bzimage, debian, source
+from harness.kernel.catalogue import DebianPackage, KernelEntry, LocalFiles, SourceTree
 from harness.outcome import ConfigError, InfraError
 
 log = logging.getLogger(__name__)
-
-_METADATA = "kernel.json"
-_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -40,8 +43,11 @@ class Kernel:
     config_path: Path | None
     system_map: Path | None
     cmdline: str = ""
-    version: str = ""  # the Debian package version, when there is one
+    version: str = ""  # the Debian package version, or a source build's key
     cache_dir: Path | None = None  # where derived files (vmlinux) may be cached
+    commit: str = ""  # source kernels from git: 12 hex digits, "+dirty-<8 hex>" with changes
+    config_digest: str = ""  # source kernels: digest of the .config built, 12 hex digits
+    debug_vmlinux: Path | None = None  # the build's own vmlinux: symbols, maybe debug info
 
     @functools.cached_property
     def config(self) -> dict[str, str]:
@@ -88,9 +94,17 @@ def image_digest(vmlinuz: Path, cache_dir: Path | None) -> str:
     return cache.remembered_digest(vmlinuz, cache_dir / f"{vmlinuz.name}.sha256.json")
 
 
-@functools.cache
+# Per process: the vmlinux entry of each bzImage (by its identity), so that only the first
+# use looks up the bzImage's digest; every use still checks the entry itself (build_once).
+_VMLINUX: dict[tuple[object, ...], Path] = {}
+
+
 def _cached_vmlinux(vmlinuz: Path, cache_dir: Path) -> Path | None:
-    target = cache_dir / f"vmlinux-{image_digest(vmlinuz, cache_dir)[:16]}"
+    identity = (*manifest.file_identity(vmlinuz), str(cache_dir))
+    target = _VMLINUX.get(identity)
+    if target is None:
+        target = cache_dir / f"vmlinux-{image_digest(vmlinuz, cache_dir)[:16]}"
+        _VMLINUX[identity] = target
     marker = target.with_name(target.name + ".no-pvh")
     if marker.exists():
         return None
@@ -103,12 +117,39 @@ def _cached_vmlinux(vmlinuz: Path, cache_dir: Path) -> Path | None:
         partial.write_bytes(elf)
 
     try:
-        if cache.build_once(target, build):
+        if cache.build_once(target, build, adopt=check_elf):
             log.info("extracted %s from %s", target.name, vmlinuz)
     except _NoPvh:
         log.info("%s has no PVH entry; booting the bzImage", vmlinuz)
         return None
     return target
+
+
+def check_elf(path: Path) -> None:
+    """Check that ``path`` is a whole 64-bit ELF file: every segment the program headers
+    name lies inside it (what a truncated vmlinux fails, and what QEMU would load).
+
+    Raises:
+        ValueError: it is not, with what is wrong.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        header = handle.read(64)
+        if len(header) < 64 or header[:5] != b"\x7fELF\x02":
+            raise ValueError(f"{path} is not a 64-bit ELF file")
+        (phoff,) = struct.unpack_from("<Q", header, 0x20)
+        phentsize, phnum = struct.unpack_from("<HH", header, 0x36)
+        handle.seek(phoff)
+        table = handle.read(phentsize * phnum)
+    if len(table) < phentsize * phnum:
+        raise ValueError(f"{path}: program headers cut off at {size} bytes")
+    for index in range(phnum):
+        (offset,) = struct.unpack_from("<Q", table, index * phentsize + 8)
+        (filesz,) = struct.unpack_from("<Q", table, index * phentsize + 0x20)
+        if offset + filesz > size:
+            raise ValueError(
+                f"{path}: segment {index} ends at byte {offset + filesz}, the file has {size}"
+            )
 
 
 class _NoPvh(Exception):
@@ -123,21 +164,90 @@ def provision(entry: KernelEntry, cache_root: Path, *, progress: bool | None = N
 
     Raises:
         ConfigError: a local file is missing or the package holds no kernel.
-        InfraError: apt-get or dpkg-deb failed (network, unknown package).
+        PackageNotFound: kernels.toml names a package apt does not know (a ConfigError).
+        ArchiveUnreachable: the package archive did not answer (an InfraError).
+        CacheFull, CacheReadOnly, CacheDenied: the cache's file system refused a write.
+        ToolFailed: apt-get, dpkg-deb or depmod failed otherwise (an InfraError).
         MissingToolError: apt-get, dpkg-deb or depmod is not installed.
     """
     if progress is None:
         progress = sys.stderr.isatty()
     if isinstance(entry.source, DebianPackage):
         return _provision_package(entry, entry.source, cache_root, progress)
+    if isinstance(entry.source, SourceTree):
+        return build_source(entry, cache_root, progress=progress)
     return _describe_local(entry, entry.source, cache_root)
 
 
 def is_provisioned(entry: KernelEntry, cache_root: Path) -> bool:
-    """True when ``entry`` can boot without a download."""
+    """True when ``entry`` can boot without a download or a build."""
     if isinstance(entry.source, DebianPackage):
-        return (_package_dir(entry.source, cache_root) / _METADATA).exists()
+        return (_package_dir(entry.source, cache_root) / debian.METADATA).exists()
+    if isinstance(entry.source, SourceTree):
+        # Only look: no unpacking, no download of a base kernel, no build.
+        base = entry.source.base_kernel
+        if base is not None and not is_provisioned(base, cache_root):
+            return False
+        package = entry.source.package
+        if package and source.unpacked_package(package, cache_root) is None:
+            return False
+        try:
+            return source.cached(source_plan(entry, cache_root, progress=False)) is not None
+        except (ConfigError, InfraError):
+            return False
     return entry.source.vmlinuz.exists()
+
+
+def source_plan(entry: KernelEntry, cache_root: Path, *, progress: bool) -> source.Plan:
+    """The build plan of a source kernel (its base kernel provisioned first, if it has one).
+
+    Raises:
+        ConfigError, InfraError: see :func:`harness.kernel.source.plan`.
+    """
+    if not isinstance(entry.source, SourceTree):
+        raise ConfigError(f"kernel {entry.name!r} is not built from source")
+    base_config = None
+    if entry.source.base_kernel is not None:
+        base_config = provision(entry.source.base_kernel, cache_root, progress=progress).config_path
+    return source.plan(entry.source, cache_root, base_config=base_config, progress=progress)
+
+
+def build_source(
+    entry: KernelEntry, cache_root: Path, *, progress: bool | None = None, force: bool = False
+) -> Kernel:
+    """Build a source kernel (or take it from the cache) and describe it.
+
+    Raises:
+        BuildError: the kernel did not build (INFRA_ERROR; the first error and the log).
+        ConfigError: the tree or config is unusable, or a requested option did not survive.
+    """
+    if progress is None:
+        progress = sys.stderr.isatty()
+    built = source.build(
+        entry.name,
+        source_plan(entry, cache_root, progress=progress),
+        progress=progress,
+        force=force,
+    )
+    return kernel_of_build(entry, built)
+
+
+def kernel_of_build(entry: KernelEntry, built: source.Built) -> Kernel:
+    """The :class:`Kernel` of a source build."""
+    return Kernel(
+        name=entry.name,
+        release=built.release,
+        vmlinuz=built.bzimage,
+        modules_dir=built.modules_dir,
+        config_path=built.config,
+        system_map=built.system_map,
+        cmdline=entry.cmdline,
+        version=f"build-{built.key[:16]}",
+        cache_dir=built.folder,
+        commit=built.commit,
+        config_digest=built.config_digest,
+        debug_vmlinux=built.vmlinux,
+    )
 
 
 def _package_dir(source: DebianPackage, cache_root: Path) -> Path:
@@ -150,70 +260,90 @@ def _provision_package(
     target = _package_dir(source, cache_root)
 
     def build(partial: Path) -> None:
-        _fetch_and_unpack(source.package, partial, progress)
+        deb = debian.fetch(entry, source.package, cache_root, progress=progress)
+        debian.unpack(deb, source.package, partial, progress=progress)
 
-    if cache.build_once(target, build):
+    if cache.build_once(target, build, adopt=_check_unpacked):
         log.info("provisioned %s into %s", source.package, target)
-    meta = json.loads((target / _METADATA).read_text())
+    meta = debian.read_metadata(target)
     root = target / "root"
     release = meta["release"]
+    system_map = _optional(root / "boot" / f"System.map-{release}")
+    debug_vmlinux = None
+    if source.debug_symbols:
+        system_map, debug_vmlinux = _debug_symbols(
+            source.package, meta.get("version", ""), release, cache_root, progress
+        )
     return Kernel(
         name=entry.name,
         release=release,
         vmlinuz=root / meta["vmlinuz"],
         modules_dir=root / "lib" / "modules" / release,
         config_path=_optional(root / "boot" / f"config-{release}"),
-        system_map=_optional(root / "boot" / f"System.map-{release}"),
+        system_map=system_map,
         cmdline=entry.cmdline,
         version=meta.get("version", ""),
         cache_dir=target,
+        debug_vmlinux=debug_vmlinux,
     )
 
 
-def _fetch_and_unpack(package: str, partial: Path, progress: bool) -> None:
-    apt_get = tools.require("apt-get")
-    dpkg_deb = tools.require("dpkg-deb")
-    depmod = tools.require("depmod")
-    download = partial / "download"
-    download.mkdir(parents=True)
-    if progress:
-        print(f"bootharness: downloading {package} ...", file=sys.stderr, flush=True)
-    _run(
-        [apt_get, "download", package],
-        cwd=download,
-        what=f"download {package}",
-        show=progress,
-        hint="check the package name with `apt-cache policy NAME` and run `apt-get update`",
-    )
-    debs = sorted(download.glob("*.deb"))
-    if len(debs) != 1:
-        raise InfraError(f"apt-get download {package} produced {len(debs)} .deb files, expected 1")
-    deb = debs[0]
-    version = _run([dpkg_deb, "-f", str(deb), "Version"], what="read the package version").strip()
-    root = partial / "root"
-    if progress:
-        print(f"bootharness: unpacking {deb.name} ...", file=sys.stderr, flush=True)
-    _run([dpkg_deb, "-x", str(deb), str(root)], what=f"unpack {deb.name}")
-    shutil.rmtree(download)
-    vmlinuz_files = sorted((root / "boot").glob("vmlinuz-*"))
-    if len(vmlinuz_files) != 1:
-        raise ConfigError(
-            f"package {package} holds {len(vmlinuz_files)} boot/vmlinuz-* files, expected 1; "
-            "is it a linux-image package?"
+def debug_package_of(package: str) -> str:
+    """The ``-dbg`` package of a Debian kernel image package (signed or unsigned)."""
+    return package.removesuffix("-unsigned") + "-dbg"
+
+
+def _debug_symbols(
+    package: str, version: str, release: str, cache_root: Path, progress: bool
+) -> tuple[Path, Path]:
+    """The real System.map and the vmlinux with debug info of a Debian kernel, from its
+    ``-dbg`` package (Debian's own System.map is a placeholder), fetched once into the cache.
+    Only those two files are kept: the package's module debug files are gigabytes."""
+    debug = debug_package_of(package)
+    target = cache_root / "kernels" / "debian" / f"{debug}_{version}"
+
+    def build(partial: Path) -> None:
+        download = partial / "download"
+        download.mkdir(parents=True)
+        if progress:
+            print(f"bootharness: downloading {debug} (large) ...", file=sys.stderr, flush=True)
+        wanted = f"{debug}={version}" if version else debug
+        _run(
+            [tools.require("apt-get"), "download", wanted],
+            cwd=download,
+            what=f"download {wanted}",
+            show=progress,
+            hint="debug_symbols needs the -dbg package of the same version",
         )
-    vmlinuz = vmlinuz_files[0]
-    release = vmlinuz.name.removeprefix("vmlinuz-")
-    modules_dir = root / "lib" / "modules" / release
-    if modules_dir.is_dir() and not (modules_dir / "modules.dep").exists():
-        _run([depmod, "-b", str(root), release], what=f"depmod for {release}")
-    meta = {
-        "format": _FORMAT,
-        "package": package,
-        "version": version,
-        "release": release,
-        "vmlinuz": str(vmlinuz.relative_to(root)),
-    }
-    (partial / _METADATA).write_text(json.dumps(meta, indent=2) + "\n")
+        debs = sorted(download.glob("*.deb"))
+        if len(debs) != 1:
+            raise InfraError(f"apt-get download {wanted} produced {len(debs)} .deb files")
+        members = [f"./usr/lib/debug/boot/{name}-{release}" for name in ("System.map", "vmlinux")]
+        command = (
+            f"{tools.require('dpkg-deb')} --fsys-tarfile {shlex.quote(str(debs[0]))} | "
+            f"tar -x -C {shlex.quote(str(partial))} " + " ".join(shlex.quote(m) for m in members)
+        )
+        _run(["sh", "-c", command], what=f"unpack {debs[0].name}")
+        for member, name in zip(members, ("System.map", "vmlinux"), strict=True):
+            os.replace(partial / member, partial / name)
+        shutil.rmtree(partial / "usr")
+        shutil.rmtree(download)
+
+    cache.build_once(target, build)
+    return target / "System.map", target / "vmlinux"
+
+
+def _check_unpacked(folder: Path) -> None:
+    """The structural check of an unpacked package made by an older harness (no manifest):
+    its description, a readable bzImage of that release, and the module index."""
+    meta = debian.read_metadata(folder)
+    release = str(meta["release"])
+    found = bzimage.release_of(folder / "root" / str(meta["vmlinuz"]))
+    if found != release:
+        raise ValueError(f"its bzImage says release {found!r}, {debian.METADATA} {release!r}")
+    modules = folder / "root" / "lib" / "modules" / release
+    if modules.is_dir() and not (modules / "modules.dep").is_file():
+        raise ValueError(f"{modules} has no modules.dep")
 
 
 def _describe_local(entry: KernelEntry, source: LocalFiles, cache_root: Path) -> Kernel:
@@ -247,7 +377,9 @@ def _depmod_copy(modules_dir: Path, release: str, derived: Path) -> Path:
     def build(partial: Path) -> None:
         depmod = tools.require("depmod")
         shutil.copytree(modules_dir, partial / "lib" / "modules" / release, symlinks=False)
-        _run([depmod, "-b", str(partial), release], what=f"depmod for {release}")
+        tools.run_tool(
+            [depmod, "-b", str(partial), release], what=f"depmod for {release}", writes=partial
+        )
 
     cache.build_once(target, build)
     return target / "lib" / "modules" / release

@@ -39,7 +39,8 @@ from harness.report.model import (
     template_id,
     write_atomic,
 )
-from harness.vm.boot import qemu_version
+from harness.vm.boot import Vm, qemu_version
+from harness.vm.dimensions import DEFAULT_BOOT_PATH
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class AttemptState:
     outcome: str = Outcome.PASS.name
     message: str = ""
     excerpt: str = ""
+    trace: str = ""  # the fault's symbolised call trace, when there is one
     started: float = field(default_factory=time.time)
     judged: bool = False  # a call phase (or a failing setup) gave a verdict
 
@@ -76,6 +78,7 @@ class AttemptState:
             self.message = error.message
             evidence = error.evidence
             self.excerpt = evidence.excerpt.rstrip() or _last_lines(evidence.console_tail)
+            self.trace = evidence.trace.rstrip()
         elif when == "call":
             self.outcome = Outcome.TEST_FAIL.name
             self.message = _first_line(error) or "the test failed"
@@ -87,36 +90,47 @@ class AttemptState:
 def build_record(
     item: pytest.Item,
     state: AttemptState,
-    vms: Sequence[Any],
+    vms: Sequence[Vm],
     *,
     duration: float,
     bundle: Path | None = None,
 ) -> TestRecord:
-    """The record of one test attempt from its parameters, its VMs and its outcome."""
-    params: Mapping[str, object] = getattr(getattr(item, "callspec", None), "params", {})
+    """The record of one test attempt from its VMs, its outcome and (when it booted nothing)
+    its parameters.
+
+    The dimensions are those of the last VM the test booted (the one its outcome is about),
+    whatever the test's own parametrization: a test that boots lsi through a parameter of its
+    own is recorded with ``controller="lsi"``. Only a test that booted nothing keeps the
+    kernel, controller and template of its ``kernel``/``controller``/``template`` parameters.
+    """
+    callspec = getattr(item, "callspec", None)
+    params: Mapping[str, object] = getattr(callspec, "params", {})
     record = TestRecord(
         nodeid=item.nodeid,
         test=getattr(item, "originalname", item.name),
         kernel=param_name(params.get("kernel")),
         controller=param_name(params.get("controller")),
+        boot_path=param_name(params.get("boot_path")) or DEFAULT_BOOT_PATH,
         template=template_id(param_name(params.get("template"))),
+        params=str(getattr(callspec, "id", "")),
         outcome=state.outcome,
         message=state.message,
         excerpt=state.excerpt,
+        trace=state.trace,
         duration=round(duration, 3),
         started=state.started,
         bundle=str(bundle) if bundle else "",
     )
     if vms:
         vm = vms[-1]
-        kernel = vm.kernel
-        record.kernel = record.kernel or param_name(kernel)
-        record.release = str(getattr(kernel, "release", ""))
+        record.set_dimensions(vm.dimensions())
+        record.kernel = record.kernel or param_name(params.get("kernel"))
         record.qemu_version = qemu_version(vm.spec.qemu)
         record.accelerator = vm.spec.accel
         record.boot_mechanism = vm.boot_mechanism
         record.load_factor = float(vm.load_factor)
         record.phases = first_marks(vm.marks)
+        record.boot_entry = vm.boot_entry
         record.console_logs = [str(v.machine.console_log) for v in vms]
     return record
 
@@ -129,10 +143,16 @@ class ResultsCollector:
     """
 
     def __init__(
-        self, json_path: Path | None, html_path: Path | None, history: Sequence[Run] = ()
+        self,
+        json_path: Path | None,
+        html_path: Path | None,
+        history: Sequence[Run] = (),
+        *,
+        columns: str | None = None,
     ) -> None:
         self.json_path = json_path
         self.html_path = html_path
+        self.columns = columns  # the dimension the page's columns follow (None: most varied)
         self.history = list(history)  # earlier runs: the report says since when
         self.records: dict[str, TestRecord] = {}
         self.started = time.time()
@@ -157,7 +177,9 @@ class ResultsCollector:
             write_atomic(self.json_path, results.to_json(logs))
         if self.html_path is not None:
             streaks = history.compare(results, self.history) if self.history else None
-            page = html.render(results, relative_paths(links, self.html_path.parent), streaks)
+            page = html.render(
+                results, relative_paths(links, self.html_path.parent), streaks, self.columns
+            )
             write_atomic(self.html_path, page)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:

@@ -10,15 +10,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import warnings
 from collections.abc import Generator
 
 import pytest
 
-from harness import __version__
+from harness import __version__, lifeline, upkeep
 from harness.kernel.catalogue import Catalogue, find_catalogue, load_catalogue
 from harness.outcome import ConfigError, HarnessError, InfraError
 from harness.plugin import collector as collector_module
-from harness.plugin import fixtures, matrix, recorder
+from harness.plugin import fixtures, junitfile, kernel_warnings, matrix, recorder, servers
 from harness.plugin.settings import (
     catalogue_key,
     matrix_key,
@@ -33,6 +34,7 @@ from harness.snapshot.restore import MODES
 from harness.vm import loadscale
 from harness.vm.accel import VALID_REQUESTS
 from harness.vm.boot import Vm, qemu_version
+from harness.vm.sandbox import DEDICATED_USER, FALLBACK_USER, SANDBOX_CHOICES
 from harness.vm.state import render_event_log
 
 log = logging.getLogger(__name__)
@@ -83,7 +85,37 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "works; default off; marker snapshot / cold_boot per test)",
     )
     parser.addini("bootharness_snapshots", "snapshots: off, auto, shared-ram or stream", default="")
+    group.addoption(
+        "--initrd",
+        metavar="FILE",
+        help="a prebuilt initrd for tests that take the `initrd` fixture (bisect over images)",
+    )
+    parser.addini("bootharness_initrd", "the prebuilt initrd of the `initrd` fixture", default="")
+    group.addoption(
+        "--qemu-sandbox",
+        choices=SANDBOX_CHOICES,
+        help="QEMU's seccomp sandbox (default on; off: QEMU also keeps our user)",
+    )
+    group.addoption(
+        "--qemu-user",
+        metavar="USER",
+        help="whom QEMU runs as once set up (name or UID:GID; none: stay). Default, as root: "
+        f"{DEDICATED_USER} if that user exists, else {FALLBACK_USER}",
+    )
+    parser.addini("bootharness_qemu_sandbox", "QEMU's seccomp sandbox: on or off", default="")
+    parser.addini("bootharness_qemu_user", "whom QEMU runs as once set up", default="")
+    group.addoption(
+        "--no-cache-prune",
+        action="store_true",
+        default=None,
+        help="do not prune the cache at the end of the run (default: at most hourly, by "
+        "the policy of `bootharness cache prune`)",
+    )
+    parser.addini(
+        "bootharness_cache_prune", "prune the cache at the end of a run", type="bool", default=True
+    )
     matrix.add_options(group, parser)  # controllers, templates, retries, reports
+    kernel_warnings.add_options(group, parser)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -108,9 +140,16 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "cold_boot: always boot this test's VMs cold, even with --snapshots"
     )
+    kernel_warnings.configure(config)
     settings = read_settings(config)
     config.stash[settings_key] = settings
+    if hasattr(config, "workerinput"):
+        # A pytest-xdist worker runs for its controller alone: when the controller dies
+        # (a cancelled CI job, SIGKILL) stop this worker's VMs at once and exit.
+        lifeline.watch_parent()
     config.pluginmanager.register(fixtures, "bootharness-fixtures")
+    config.pluginmanager.register(servers, "bootharness-servers")
+    config.pluginmanager.register(kernel_warnings.KernelWarnings(), "bootharness-kernel-warnings")
     _register_matrix_parts(config)
     if settings.kernels_file or settings.kernel_selectors:
         # Asked for explicitly: a bad file or selector is a usage error before collection.
@@ -181,6 +220,22 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     )
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """After every plugin's configure: the junit file, if any, is written atomically."""
+    if not hasattr(session.config, "workerinput"):
+        junitfile.install(session.config)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Prune the cache once the run is over (in the controller, at most hourly)."""
+    config = session.config
+    settings = config.stash.get(settings_key, None)
+    if hasattr(config, "workerinput") or settings is None or not settings.cache_prune:
+        return
+    upkeep.prune_now(settings.cache_dir)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "boot" in getattr(item, "fixturenames", ()):
@@ -236,6 +291,11 @@ def _register_matrix_parts(config: pytest.Config) -> None:
         "markers", "controllers(*names): run this test only on these disk controllers"
     )
     config.addinivalue_line("markers", "templates(*names): run this test only with these templates")
+    config.addinivalue_line(
+        "markers",
+        "boot_paths(*names, widen=False): run this test only on these boot paths (all: every "
+        "one); widen=True: without --boot-path, on all of them, not just the default",
+    )
     config.pluginmanager.register(matrix.MatrixPlugin(settings), "bootharness-matrix")
     config.pluginmanager.register(recorder.Recorder(settings), "bootharness-recorder")
     wants_files = settings.json_path is not None or settings.html_path is not None
@@ -245,8 +305,14 @@ def _register_matrix_parts(config: pytest.Config) -> None:
     if wants_files and not hasattr(config, "workerinput"):
         try:
             # Read now, not after the run: a bad path fails before any boot, not after.
-            runs = history.load_runs(settings.history)
+            with warnings.catch_warnings(record=True) as skipped:
+                warnings.simplefilter("always", history.HistorySkipped)
+                runs = history.load_runs(settings.history)
+            for warning in skipped:  # a damaged file: shown in the warnings summary
+                config.issue_config_time_warning(warning.message, stacklevel=2)  # type: ignore[arg-type]
         except ConfigError as error:
             raise pytest.UsageError(f"--bootharness-history: {error}") from error
-        collector = collector_module.ResultsCollector(settings.json_path, settings.html_path, runs)
+        collector = collector_module.ResultsCollector(
+            settings.json_path, settings.html_path, runs, columns=settings.columns
+        )
         config.pluginmanager.register(collector, "bootharness-results")

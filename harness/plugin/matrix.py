@@ -1,10 +1,11 @@
 """The test matrix beyond kernels: controllers and init templates, and the run's report options.
 
-Controllers and templates are chosen like kernels: ``--controller NAME`` (repeatable, or
-comma-separated, or ``all``) and ``--template NAME``, with ini equivalents, and tests that use
-the ``controller`` or ``template`` fixture are parametrized over the choice. The kernel is
-parametrized first (by :mod:`harness.plugin.hooks`), so ids read
-``test_root_switch[debian-6.1-amd64-ahci]``, and ``-k ahci`` or a node id picks cells.
+Controllers, boot paths and templates are chosen like kernels: ``--controller NAME``
+(repeatable, or comma-separated, or ``all``), ``--boot-path NAME`` and ``--template NAME``, with
+ini equivalents, and tests that use the ``controller``, ``boot_path`` or ``template`` fixture
+are parametrized over the choice. The kernel is parametrized first (by
+:mod:`harness.plugin.hooks`), so ids read ``test_root_switch[debian-6.1-amd64-ahci-bios-grub]``,
+and ``-k ahci`` or a node id picks cells.
 
 Also here: the options of retries (:mod:`harness.plugin.recorder`), load-scaled deadlines
 (:mod:`harness.vm.loadscale`) and the result files (:mod:`harness.report.model`), and
@@ -20,7 +21,8 @@ import pytest
 
 from harness.image import templates
 from harness.plugin.settings import MatrixSettings
-from harness.storage import controllers
+from harness.report.view import COLUMN_DIMENSIONS
+from harness.storage import bootpaths, controllers
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,16 @@ def add_options(group: Any, parser: pytest.Parser) -> None:
         help="write each failure's reproduction bundle under DIR (default: the test's folder)",
     )
     parser.addini("bootharness_controller", "default disk controller(s)", type="args", default=[])
+    group.addoption(
+        "--boot-path",
+        action="append",
+        default=[],
+        metavar="NAME|all",
+        help="boot path(s) for tests using the boot_path fixture: "
+        f"{', '.join(bootpaths.BOOT_PATHS)} (repeatable or comma-separated; "
+        f"default: {bootpaths.DEFAULT_BOOT_PATH})",
+    )
+    parser.addini("bootharness_boot_path", "default boot path(s)", type="args", default=[])
     parser.addini("bootharness_template", "default init template(s)", type="args", default=[])
     parser.addini("bootharness_infra_retries", "retries of INFRA_ERROR tests", default="1")
     parser.addini(
@@ -86,6 +98,13 @@ def add_options(group: Any, parser: pytest.Parser) -> None:
         "bootharness_history", "earlier runs' results files or folders", type="args", default=[]
     )
     parser.addini("bootharness_html", "HTML report file", default="")
+    group.addoption(
+        "--bootharness-columns",
+        choices=COLUMN_DIMENSIONS,
+        help="the dimension the HTML report's columns follow (default: the one the run "
+        "varies most)",
+    )
+    parser.addini("bootharness_columns", "HTML report columns: a dimension", default="")
     parser.addini("bootharness_bundles", "folder for reproduction bundles", default="")
 
 
@@ -102,17 +121,29 @@ class MatrixPlugin:
         if "controller" in metafunc.fixturenames:
             chosen = controllers.select(self.settings.controllers)
             _parametrize(metafunc, "controller", "controllers", chosen, [c.name for c in chosen])
+        if "boot_path" in metafunc.fixturenames:
+            paths = self._boot_paths(metafunc)
+            _parametrize(metafunc, "boot_path", "boot_paths", paths, [p.name for p in paths])
         if "template" in metafunc.fixturenames:
             names = templates.select(self.settings.templates)
             ids = [name.removesuffix(".j2") for name in names]
             _parametrize(metafunc, "template", "templates", names, ids)
+
+    def _boot_paths(self, metafunc: pytest.Metafunc) -> list[bootpaths.BootPath]:
+        """The chosen boot paths; ``boot_paths(..., widen=True)`` without ``--boot-path``
+        runs every path the marker names (``all``: every path), not just the default."""
+        mark = metafunc.definition.get_closest_marker("boot_paths")
+        widen = mark is not None and bool(mark.kwargs.get("widen"))
+        if widen and not self.settings.boot_paths:
+            return bootpaths.select([bootpaths.ALL])
+        return bootpaths.select(self.settings.boot_paths)
 
 
 def _parametrize(
     metafunc: pytest.Metafunc, argname: str, marker: str, values: list[Any], ids: list[str]
 ) -> None:
     mark = metafunc.definition.get_closest_marker(marker)
-    if mark is not None:
+    if mark is not None and "all" not in mark.args:
         wanted = {str(a).removesuffix(".j2") for a in mark.args}
         keep = [i for i, name in enumerate(ids) if name in wanted]
         values, ids = [values[i] for i in keep], [ids[i] for i in keep]

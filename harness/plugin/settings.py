@@ -8,7 +8,7 @@ plugin's imports run one way: settings <- fixtures, matrix, recorder, collector 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -17,11 +17,19 @@ from harness import cache
 from harness.image import templates
 from harness.kernel.catalogue import Catalogue
 from harness.outcome import ConfigError
+from harness.report.view import COLUMN_DIMENSIONS
 from harness.snapshot.restore import MODES
-from harness.storage import controllers
+from harness.storage import bootpaths, controllers
 from harness.vm.accel import VALID_REQUESTS
 from harness.vm.boot import Vm
 from harness.vm.deadlines import Deadlines
+from harness.vm.distro import DistroSystem
+from harness.vm.kernel_warnings import MODES as WARNING_MODES
+from harness.vm.kernel_warnings import WarningPolicy
+from harness.vm.kernel_warnings import policy as warning_policy
+from harness.vm.sandbox import DEFAULT as DEFAULT_SANDBOX
+from harness.vm.sandbox import SANDBOX_CHOICES, Sandbox
+from harness.vm.sandbox import from_options as sandbox_from_options
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,10 @@ class Settings:
     keep_artifacts: bool
     cache_dir: Path
     snapshots: str = "off"  # off, auto, shared-ram or stream (harness.snapshot.restore)
+    initrd: Path | None = None  # --initrd FILE: the prebuilt image the `initrd` fixture gives
+    kernel_warnings: WarningPolicy = field(default_factory=WarningPolicy)  # and allowlists
+    sandbox: Sandbox = DEFAULT_SANDBOX  # QEMU's seccomp filter and user (harness.vm.sandbox)
+    cache_prune: bool = True  # prune the cache at the end of the run (harness.upkeep)
 
 
 settings_key = pytest.StashKey[Settings]()
@@ -48,6 +60,7 @@ class MatrixSettings:
     """Matrix choices and report options of the run (in ``config.stash[matrix_key]``)."""
 
     controllers: tuple[str, ...] = ()
+    boot_paths: tuple[str, ...] = ()
     templates: tuple[str, ...] = ()
     infra_retries: int = 1
     load_scaling: bool = True
@@ -55,6 +68,7 @@ class MatrixSettings:
     html_path: Path | None = None
     bundles_dir: Path | None = None
     history: tuple[Path, ...] = ()  # earlier runs' results files or folders
+    columns: str | None = None  # the dimension the HTML report's columns follow
 
 
 matrix_key = pytest.StashKey[MatrixSettings]()
@@ -65,6 +79,7 @@ matrix_key = pytest.StashKey[MatrixSettings]()
 catalogue_key = pytest.StashKey[Catalogue]()
 vms_key = pytest.StashKey[list[Vm]]()  # a test's VMs, for its report and record
 passed_key = pytest.StashKey[bool]()  # the test's call passed: its folder may go
+distro_key = pytest.StashKey[DistroSystem]()  # the system a test's distro_boot() booted
 
 
 def option_or_ini(config: pytest.Config, option: str, ini: str) -> str:
@@ -103,6 +118,26 @@ def read_settings(config: pytest.Config) -> Settings:
         raise pytest.UsageError(
             f"bootharness_snapshots = {snapshots!r}: use one of {', '.join(MODES)}"
         )
+    mode = pick("kernel_warnings", "bootharness_kernel_warnings") or "report"
+    if mode not in WARNING_MODES:
+        raise pytest.UsageError(
+            f"--kernel-warnings / bootharness_kernel_warnings = {mode!r}: use one of "
+            f"{', '.join(WARNING_MODES)}"
+        )
+    allowlists = config.getoption("kernel_warnings_allowlist") or config.getini(
+        "bootharness_kernel_warnings_allowlist"
+    )
+    try:
+        policy = warning_policy(
+            mode, [config.invocation_params.dir / str(path) for path in allowlists]
+        )
+    except ConfigError as error:
+        raise pytest.UsageError(str(error)) from error
+    sandbox_mode = pick("qemu_sandbox", "bootharness_qemu_sandbox") or "on"
+    if sandbox_mode not in SANDBOX_CHOICES:
+        raise pytest.UsageError(
+            f"bootharness_qemu_sandbox = {sandbox_mode!r}: use one of {', '.join(SANDBOX_CHOICES)}"
+        )
     return Settings(
         kernels_file=pick("kernels", "bootharness_kernels") or None,
         kernel_selectors=selectors,
@@ -113,7 +148,23 @@ def read_settings(config: pytest.Config) -> Settings:
         ),
         cache_dir=cache.cache_root(pick("bootharness_cache", "bootharness_cache") or None),
         snapshots=snapshots,
+        initrd=_initrd(pick("initrd", "bootharness_initrd")),
+        kernel_warnings=policy,
+        sandbox=sandbox_from_options(
+            sandbox_mode, pick("qemu_user", "bootharness_qemu_user") or None
+        ),
+        cache_prune=not config.getoption("no_cache_prune")
+        and bool(config.getini("bootharness_cache_prune")),
     )
+
+
+def _initrd(value: str) -> Path | None:
+    if not value:
+        return None
+    path = Path(value).expanduser().resolve()
+    if not path.is_file():
+        raise pytest.UsageError(f"--initrd {value}: no such file")
+    return path
 
 
 def read_matrix_settings(config: pytest.Config) -> MatrixSettings:
@@ -137,9 +188,17 @@ def read_matrix_settings(config: pytest.Config) -> MatrixSettings:
     if retries < 0:
         raise pytest.UsageError(f"--infra-retries {retries}: use 0 or more")
     no_scaling = config.getoption("no_load_scaling")
+    columns = pick("bootharness_columns", "bootharness_columns") or None
+    if columns is not None and columns not in COLUMN_DIMENSIONS:
+        raise pytest.UsageError(
+            f"bootharness_columns = {columns!r}: use one of {', '.join(COLUMN_DIMENSIONS)}"
+        )
     settings = MatrixSettings(
         controllers=split_values(
             config.getoption("controller") or config.getini("bootharness_controller")
+        ),
+        boot_paths=split_values(
+            config.getoption("boot_path") or config.getini("bootharness_boot_path")
         ),
         templates=split_values(
             config.getoption("template") or config.getini("bootharness_template")
@@ -157,9 +216,11 @@ def read_matrix_settings(config: pytest.Config) -> MatrixSettings:
                 config.getoption("bootharness_history") or config.getini("bootharness_history")
             )
         ),
+        columns=columns,
     )
     try:
         controllers.select(settings.controllers)
+        bootpaths.select(settings.boot_paths)
         templates.select(settings.templates)
     except ConfigError as error:
         raise pytest.UsageError(str(error)) from error

@@ -2,11 +2,12 @@
 
 A bundle holds the initramfs image the VM booted (hard-linked from the cache when it can be,
 else copied), the console log, the QMP event log, QEMU's stderr, argv and the rendered /init,
-and ``bundle.json``: which kernel (name, release, package or files, and a digest of the image
-QEMU was given), the machine spec (command line with the boot's nonce, devices, extra
-arguments), the deadlines, and the base images behind each disk. Disks are referred to, not
-copied: a VM boots a qcow2 overlay of a read-only base image, so the base is what a replay
-needs, and it is recorded with its size and digest so a replay can tell it has changed.
+the symbolised stack traces of the faults seen (``trace.txt``), and ``bundle.json``: which
+kernel (name, release, package or files, and a digest of the image QEMU was given), the
+machine spec (command line with the boot's nonce, devices, extra arguments), the deadlines,
+and the base images behind each disk. Disks are referred to, not copied: a VM boots a qcow2
+overlay of a read-only base image, so the base is what a replay needs, and it is recorded
+with its size and digest so a replay can tell it has changed.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 
 from harness import cache
 from harness.outcome import ConfigError
+from harness.report.model import write_atomic
 from harness.snapshot.restore import plan_record
 from harness.storage import disks
 from harness.vm.boot import qemu_version
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 FORMAT = "bootharness-bundle-1"
 BUNDLE_JSON = "bundle.json"
 INITRAMFS = "initramfs.img"
+TRACE = "trace.txt"  # the symbolised stack traces of the faults seen
 # Files of the VM's private folder worth keeping, as they are named there.
 MAX_DISK_COPY = 256 * 1024 * 1024  # a larger base is only referred to when it cannot be linked
 VM_FILES = ("console.log", "qmp-events.jsonl", "qemu.stderr", "qemu.argv", "init.sh")
@@ -122,6 +125,15 @@ def write(
     for name in VM_FILES:
         with contextlib.suppress(FileNotFoundError):
             shutil.copyfile(workdir / name, target / name)
+    # A boot through firmware and a boot loader reads the bzImage from its boot disk (the
+    # disk and the firmware's variable store are in the VM folder's files and argv).
+    image = spec.kernel if spec.kernel is not None else getattr(kernel, "vmlinuz", None)
+    if spec.kernel is None:
+        image_kind = "boot-disk"
+    elif kernel is not None and spec.kernel == kernel.vmlinuz:
+        image_kind = "vmlinuz"
+    else:
+        image_kind = "vmlinux"
     data: dict[str, Any] = {
         "format": FORMAT,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -133,12 +145,12 @@ def write(
             "release": str(getattr(kernel, "release", "")),
             "version": str(getattr(kernel, "version", "")),
             "source": kernel_source,
+            "commit": str(getattr(kernel, "commit", "")),  # source kernels: the tree's state
+            "config_digest": str(getattr(kernel, "config_digest", "")),
             "identity": kernel.identity if kernel is not None else "",
-            "image": str(spec.kernel),
-            "image_kind": "vmlinuz"
-            if kernel is not None and spec.kernel == kernel.vmlinuz
-            else "vmlinux",
-            "image_digest": cache.file_digest(Path(spec.kernel)),
+            "image": str(image or ""),
+            "image_kind": image_kind,
+            "image_digest": cache.file_digest(Path(image)) if image is not None else "",
         },
         "initramfs": {
             "file": INITRAMFS if initrd is not None else "",
@@ -147,19 +159,32 @@ def write(
         },
         "machine": {name: _plain(getattr(spec, name)) for name in _SPEC_FIELDS},
         "nonce": vm.nonce,
+        # How the boot was judged: markers, or console patterns (harness.vm.patterns).
+        "verdict": {
+            "markers": vm.markers,
+            "expect": list(vm.verdict.expect),
+            "fail": list(vm.verdict.fail),
+            "root_failures": vm.verdict.root_failures,
+        },
         "expected_boots": vm.machine.expected_boots,
         "deadlines": dataclasses.asdict(vm.deadlines),
         "load_factor": float(vm.load_factor),
         "disks": [dataclasses.asdict(d) for d in _keep_bases(disk_refs(spec.extra_args), target)],
         "qemu_argv": list(vm.machine.argv),
         "qemu_version": qemu_version(spec.qemu),
+        "kernel_warnings": list(vm.warning_lines()),
+        "trace": "",
     }
+    traces = vm.fault_traces()
+    if traces:  # where it crashed, symbolised against the kernel's own files
+        (target / TRACE).write_text(traces + "\n")
+        data["trace"] = TRACE
     # A VM resumed from a snapshot: its image is the snapshot's (the init waits at READY),
     # so a replay needs the plan too (the test's own rest of the init, the snapshot's key).
     snapshot = plan_record(vm)
     if snapshot is not None:
         data["snapshot"] = snapshot
-    (target / BUNDLE_JSON).write_text(json.dumps(data, indent=2) + "\n")
+    write_atomic(target / BUNDLE_JSON, json.dumps(data, indent=2) + "\n")
     log.info("reproduction bundle: %s", target)
     return target
 

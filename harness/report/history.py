@@ -11,14 +11,18 @@ it, says nothing and is passed over) and tells:
 * a passing test: ``FIXED`` when it failed the last time it ran, otherwise ``PASSING``;
 * ``UNKNOWN`` when no earlier run has a verdict on it.
 
-Tests are matched by node id, which holds the kernel, controller and template of the cell.
-Pure functions, apart from :func:`load_runs`, which reads the files.
+Tests are matched by node id first. A test whose node id changed (a new matrix dimension,
+such as a boot path, now appears in the ids) is matched by its
+:meth:`~harness.report.model.TestRecord.history_key`: the test function, the kernel, the
+dimensions of its boot and the rest of its parameter id. Pure functions, apart from
+:func:`load_runs`, which reads the files.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,17 +109,34 @@ def compare(tonight: Results, history: Sequence[Run]) -> dict[str, Streak]:
         if _identity(run.results) != _identity(tonight)
         and not (now and (when := _when(run.results.created)) and when > now)
     ]
-    outcomes = [({r.nodeid: r for r in run.results.records}, run.label) for run in earlier]
+    indexes = [(_Index(run.results.records), run.label) for run in earlier]
     streaks: dict[str, Streak] = {}
     for record in tonight.records:
         # Newest first: the runs that have a verdict on this test.
         seen = [
             (found, label)
-            for by_id, label in reversed(outcomes)
-            if (found := by_id.get(record.nodeid)) is not None and verdict(found) is not None
+            for index, label in reversed(indexes)
+            if (found := index.find(record)) is not None and verdict(found) is not None
         ]
         streaks[record.nodeid] = streak(record, seen)
     return streaks
+
+
+class _Index:
+    """One earlier run's records by node id and by history key (a key two of its records
+    share finds neither: a guess is worse than no history)."""
+
+    def __init__(self, records: Iterable[TestRecord]) -> None:
+        self.by_id: dict[str, TestRecord] = {}
+        self.by_key: dict[tuple[str, ...], TestRecord | None] = {}
+        for record in records:
+            self.by_id[record.nodeid] = record
+            key = record.history_key()
+            self.by_key[key] = None if key in self.by_key else record
+
+    def find(self, record: TestRecord) -> TestRecord | None:
+        found = self.by_id.get(record.nodeid)
+        return found if found is not None else self.by_key.get(record.history_key())
 
 
 def streak(record: TestRecord, seen: Sequence[tuple[TestRecord, str]]) -> Streak:
@@ -163,29 +184,34 @@ def counts(streaks: Mapping[str, Streak]) -> dict[str, int]:
 def load_runs(paths: Sequence[Path]) -> list[Run]:
     """Read earlier results: files, or folders whose ``*.json`` files are read.
 
-    In a folder, files that are not bootharness results (or cannot be read) are skipped with
-    a warning, so one stray or truncated file does not lose the morning's report.
+    Files that are not bootharness results, or cannot be read (truncated by a full disk, cut
+    short by a killed copy), are skipped with a :class:`HistorySkipped` warning naming them,
+    named on their own or found in a folder: one bad file never loses the morning's report.
 
     Raises:
-        ConfigError: a path does not exist, or a file named on its own is not a readable
-            bootharness results file (the message names it).
+        ConfigError: a path does not exist (a typo, not a damaged file).
     """
     runs: list[Run] = []
     for path in paths:
-        if path.is_dir():
-            for file in sorted(path.glob("*.json")):
+        if path.is_dir() or path.is_file():
+            for file in sorted(path.glob("*.json")) if path.is_dir() else [path]:
                 try:
                     runs.append(_load(file))
                 except ConfigError as error:
-                    log.warning("history: skipping %s", error)
-        elif path.is_file():
-            runs.append(_load(path))
+                    log.warning("history: skipping %s", error.message)
+                    warnings.warn(
+                        HistorySkipped(f"history: skipping {error.message}"), stacklevel=2
+                    )
         else:
             raise ConfigError(
                 f"history {path}: no such file or folder; give earlier runs' results JSON "
                 "files (--bootharness-json) or folders holding them"
             )
     return order(runs)
+
+
+class HistorySkipped(UserWarning):
+    """An earlier run's results file could not be read and was left out of the history."""
 
 
 def _load(path: Path) -> Run:

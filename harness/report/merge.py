@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.outcome import ConfigError
-from harness.report import history
+from harness.report import history, view
 from harness.report import html as html_report
 from harness.report.model import (
     Results,
@@ -74,7 +74,7 @@ def merge(inputs: Sequence[Path], log_dir: Path, *, bundle_dir: Path | None = No
                     origin[record.nodeid],
                     path,
                 )
-                if html_report.worst([earlier.outcome, record.outcome]) == earlier.outcome:
+                if view.worst([earlier.outcome, record.outcome]) == earlier.outcome:
                     continue
             records[record.nodeid] = record
             origin[record.nodeid] = path
@@ -136,10 +136,15 @@ def write(
     html_path: Path | None,
     json_path: Path | None,
     runs: Sequence[history.Run] = (),
+    columns: str | None = None,
 ) -> None:
     """Write the page (links and bundle paths relative to it) and/or the merged JSON.
 
     ``runs`` are earlier runs: the page then says since when each failure fails.
+    ``columns`` names the dimension the page's columns follow (default: the most varied).
+
+    Raises:
+        ConfigError: ``columns`` is not a dimension the columns can follow.
     """
     streaks = history.compare(merged.results, runs) if runs else None
     if html_path is not None:
@@ -147,6 +152,7 @@ def write(
             _located(merged, html_path.parent),
             relative_paths(merged.logs, html_path.parent),
             streaks=streaks,
+            columns=columns,
         )
         write_atomic(html_path, page)
     if json_path is not None:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.outcome import Outcome
+from harness.vm.dimensions import DEFAULT_BOOT_PATH, NAMES, OURS, SEPARATOR, Dimensions
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +37,20 @@ FORMAT = "bootharness-results-1"
 SKIPPED = "SKIPPED"
 ERROR = "ERROR"  # a fixture or harness bug (not a HarnessError): never retried
 # Points of progress whose time goes into junit properties and the phase chart.
-PHASE_MARKS = ("first-byte", "kernel-banner", "INIT-START", "PASS", "shutdown")
-# Phases of the chart: (name, from mark, to mark).
+PHASE_MARKS = ("first-byte", "firmware-done", "kernel-banner", "INIT-START", "PASS", "shutdown")
+# Phases of the chart: (name, from mark, to mark). On every boot path the firmware phase ends
+# when the firmware hands over: OVMF says so ("firmware-done"); SeaBIOS prints nothing, so
+# there it ends at the first console byte, the loader's or (QEMU loading the kernel) the
+# kernel's. The loader phase (GRUB, the EFI shell) runs to the kernel's banner and exists
+# only on paths with a loader; there the kernel phase starts at the banner.
 PHASES = (
-    ("firmware", "qemu-started", "first-byte"),
-    ("kernel", "first-byte", "INIT-START"),
+    ("firmware", "qemu-started", "firmware-done"),
+    ("loader", "firmware-done", "kernel-banner"),
+    ("kernel", "kernel-start", "INIT-START"),
     ("init", "INIT-START", "PASS"),
     ("shutdown", "PASS", "shutdown"),
 )
+_LOADER_MARKS = ("firmware-done", "loader-entry")
 EXCERPT_LINES = 25
 
 
@@ -55,10 +62,22 @@ class TestRecord:
 
     nodeid: str
     test: str  # the test function's name, without parameters
+    # The dimensions of the boot (harness.vm.dimensions.Dimensions, same names and defaults),
+    # read from the VM that booted; a test that booted nothing keeps its parameters'.
     kernel: str = ""
     release: str = ""
+    kernel_commit: str = ""
+    kernel_config: str = ""
     controller: str = ""
+    boot_path: str = DEFAULT_BOOT_PATH
+    initramfs: str = OURS
     template: str = ""
+    initramfs_digest: str = ""
+    generator: str = ""
+    layout: str = ""
+    kernel_warnings: list[str] = field(default_factory=list)
+    params: str = ""  # the parameter id of the test (pytest's callspec id), "" for none
+    boot_entry: str = ""  # the boot loader's menu entry that booted (not a dimension)
     outcome: str = Outcome.PASS.name
     message: str = ""
     excerpt: str = ""
@@ -67,6 +86,7 @@ class TestRecord:
     phases: dict[str, float] = field(default_factory=dict)  # mark -> s since QEMU start
     console_logs: list[str] = field(default_factory=list)  # one per VM, in boot order
     bundle: str = ""
+    trace: str = ""  # a kernel fault's call trace, symbolised, when the kernel allows it
     qemu_version: str = ""
     accelerator: str = ""
     boot_mechanism: str = ""  # cold, or how a snapshot restored the VM
@@ -77,6 +97,50 @@ class TestRecord:
     @property
     def failed(self) -> bool:
         return self.outcome not in (Outcome.PASS.name, SKIPPED)
+
+    def dimensions(self) -> Dimensions:
+        """The record's dimensions as the VM reported them."""
+        values = {name: getattr(self, name) for name in NAMES}
+        values["kernel_warnings"] = tuple(self.kernel_warnings)
+        return Dimensions(**values)
+
+    def set_dimensions(self, dimensions: Dimensions) -> None:
+        """Take every dimension from ``dimensions`` (those of the VM that booted)."""
+        for name, value in dimensions.as_dict().items():
+            setattr(self, name, value)
+
+    @property
+    def param_id(self) -> str:
+        """The parameter id (``debian-6.1-amd64-ahci``), also for records that predate
+        ``params``: then read from the node id's brackets."""
+        if self.params:
+            return self.params
+        name = self.nodeid.rsplit("::", 1)[-1]
+        start = name.find("[")
+        return name[start + 1 : -1] if start >= 0 and name.endswith("]") else ""
+
+    def own_params(self) -> str:
+        """The parameter id without the kernel's name, which reports show as the row."""
+        params = self.param_id
+        if self.kernel and (params == self.kernel or params.startswith(f"{self.kernel}-")):
+            params = params[len(self.kernel) :].removeprefix("-")
+        return params
+
+    def history_key(self) -> tuple[str, ...]:
+        """Who this test is, whatever its node id says: the test function, the kernel, every
+        dimension the matrix varies, and what is left of the parameter id once those are
+        taken out. Two nights match on it when a new dimension (a boot path, a generator)
+        made its way into the ids. Values that change by themselves from night to night
+        (release, commit, digests, warnings) are left out."""
+        function = self.nodeid.split("[", 1)[0]
+        values = [self.controller, self.boot_path, self.initramfs, self.template]
+        values += [self.generator, self.layout]
+        rest = self.own_params()
+        for value in sorted({v for v in values if v}, key=len, reverse=True):
+            for part in (value, *value.split(SEPARATOR)):
+                rest = re.sub(rf"(?:(?<=-)|^){re.escape(part)}(?=-|$)", "", rest)
+        rest = "-".join(word for word in rest.split("-") if word)
+        return (function, self.kernel, *values, rest)
 
     @property
     def console_log(self) -> str:
@@ -100,8 +164,16 @@ class TestRecord:
 def phase_split(phases: Mapping[str, float]) -> dict[str, float]:
     """Durations of the phases whose start and end marks are both present."""
     marks = {"qemu-started": 0.0, **phases}
+    loader = any(name in phases for name in _LOADER_MARKS)
+    if "first-byte" in marks:
+        marks.setdefault("firmware-done", marks["first-byte"])
+    kernel_start = "kernel-banner" if loader else "first-byte"
+    if kernel_start in marks:
+        marks["kernel-start"] = marks[kernel_start]
     split: dict[str, float] = {}
     for name, start, end in PHASES:
+        if name == "loader" and not loader:
+            continue
         if start in marks and end in marks:
             split[name] = max(0.0, round(marks[end] - marks[start], 3))
     return split
@@ -135,8 +207,17 @@ def junit_properties(record: TestRecord) -> list[tuple[str, str]]:
         ("qemu_version", record.qemu_version),
         ("accelerator", record.accelerator),
         ("boot_mechanism", record.boot_mechanism),
+        ("kernel_commit", record.kernel_commit),
+        ("kernel_config", record.kernel_config),
         ("controller", record.controller),
+        ("boot_path", record.boot_path),
+        ("initramfs", record.initramfs),
         ("template", record.template),
+        ("initramfs_digest", record.initramfs_digest),
+        ("generator", record.generator),
+        ("layout", record.layout),
+        ("kernel_warnings", "\n".join(record.kernel_warnings)),
+        ("boot_entry", record.boot_entry),
         ("load_factor", f"{record.load_factor:g}"),
         ("attempts", str(record.attempts)),
     ]
@@ -211,11 +292,20 @@ def safe_name(nodeid: str) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` whole or not at all (a reader never sees half a page)."""
+    """Write ``text`` to ``path`` whole or not at all: a reader, or the next night's report
+    after a crash or a full disk, never sees half a page. A temporary sibling (unique to this
+    process) is written, flushed to disk, then renamed over ``path``; on failure it goes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with partial.open("w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def relative_paths(paths: Mapping[str, Path], base: Path) -> dict[str, str]:

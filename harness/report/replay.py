@@ -40,6 +40,7 @@ from harness.vm import boot
 from harness.vm.boot import StartPlan
 from harness.vm.deadlines import Deadlines
 from harness.vm.machine import MachineSpec
+from harness.vm.patterns import ConsoleVerdict
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ def prepare(
         machine["accel"] = accel
     spec = MachineSpec(kernel=image, initrd=bundle.initramfs, **machine)
     deadlines = Deadlines(**bundle.data["deadlines"])
+    judged = bundle.data.get("verdict") or {}  # bundles from before console verdicts: markers
     expected_boots = int(bundle.data.get("expected_boots", 1))
     recorded = bundle.data.get("snapshot")
     start: StartPlan | None = None
@@ -102,6 +104,12 @@ def prepare(
         deadlines=deadlines,
         expected_boots=expected_boots,
         start_plan=start,
+        verdict=ConsoleVerdict(
+            tuple(judged.get("expect", ())),
+            tuple(judged.get("fail", ())),
+            judged.get("root_failures"),
+        ),
+        markers=bool(judged.get("markers", True)),
     )
     vm.kernel = kernel  # as the boot fixture does
     return Replay(vm, kernel, bundle, notes)

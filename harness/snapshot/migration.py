@@ -1,13 +1,15 @@
 """QEMU migration to and from a file: save a paused VM's state, load it into a new QEMU.
 
-QEMU 7.2 has no ``file:`` URI, so both directions go through ``exec:cat``. With the
+QEMU 7.2 has no ``file:`` URI. Both directions go through ``fd:``: the harness opens the file
+and hands the descriptor to QEMU over QMP (``getfd``), so QEMU neither runs a helper (its
+seccomp sandbox denies ``exec:``) nor opens a path after dropping privileges. With the
 ``shared-ram`` mechanism the ``x-ignore-shared`` capability leaves the RAM block that lives
 in a shared file out of the stream (see :mod:`harness.snapshot.restore`).
 """
 
 from __future__ import annotations
 
-import shlex
+import os
 import time
 from pathlib import Path
 
@@ -16,6 +18,8 @@ from harness.snapshot.store import Snapshot
 from harness.vm.machine import Machine
 
 _POLL = 0.1
+_SAVE_FD = "bh-save"
+_LOAD_FD = "bh-load"
 
 
 def save(machine: Machine, path: Path, *, mechanism: str, deadline: float) -> None:
@@ -27,9 +31,10 @@ def save(machine: Machine, path: Path, *, mechanism: str, deadline: float) -> No
     """
     machine.qmp.command("stop")
     _set_capabilities(machine, mechanism)
-    # exec: runs through /bin/sh, and QEMU waits for the command to exit before it
-    # reports the migration completed, so the file is whole by then.
-    machine.qmp.command("migrate", uri=f"exec:cat > {shlex.quote(str(path))}")
+    # QEMU writes the stream to the descriptor and closes it before it reports the
+    # migration completed, so the file is whole by then.
+    _hand_over(machine, path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _SAVE_FD)
+    machine.qmp.command("migrate", uri=f"fd:{_SAVE_FD}")
     _wait_migration(machine, deadline, what="saving")
     if path.stat().st_size == 0:
         raise SnapshotError(f"saving the VM wrote an empty stream to {path}", machine.evidence())
@@ -71,5 +76,15 @@ def incoming(machine: Machine, snapshot: Snapshot, deadline: float) -> None:
         SnapshotError, InfraError: the load failed, QEMU died, or the deadline passed.
     """
     _set_capabilities(machine, snapshot.mechanism)
-    machine.qmp.command("migrate-incoming", uri=f"exec:cat {shlex.quote(str(snapshot.state_file))}")
+    _hand_over(machine, snapshot.state_file, os.O_RDONLY, _LOAD_FD)
+    machine.qmp.command("migrate-incoming", uri=f"fd:{_LOAD_FD}")
     _wait_migration(machine, deadline, what="restoring")
+
+
+def _hand_over(machine: Machine, path: Path, flags: int, name: str) -> None:
+    """Open ``path`` here and give QEMU the descriptor under ``name`` (QMP ``getfd``)."""
+    fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
+    try:
+        machine.qmp.command_with_fd(fd, "getfd", fdname=name)
+    finally:
+        os.close(fd)

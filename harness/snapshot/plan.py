@@ -45,6 +45,7 @@ from harness.kernel.provision import Kernel
 from harness.snapshot.errors import SnapshotUnsupported
 from harness.snapshot.store import FORMAT, content_digest, file_identity
 from harness.storage.attach import Storage
+from harness.vm import clock
 from harness.vm.boot import NONCE_PARAMETER, machine_spec, qemu_version, with_harness_modules
 from harness.vm.machine import MachineSpec
 
@@ -172,6 +173,7 @@ def make_plan(
             "point, so tests cannot share a snapshot; move them after it. This test boots cold"
         )
     base = machine_spec(kernel, image, nonce="", accel=accel, cmdline=cmdline, **machine_options)
+    assert base.kernel is not None  # machine_spec always loads the kernel through QEMU
     key_parts = {
         "format": FORMAT,
         "qemu": qemu_identity(base.qemu, cache_root=cache_root),
@@ -235,7 +237,10 @@ def _machine_fields(spec: MachineSpec) -> dict[str, Any]:
 
 
 def _without_nonce(cmdline: str) -> str:
-    return " ".join(w for w in cmdline.split() if not w.startswith(f"{NONCE_PARAMETER}="))
+    """The command line as a snapshot's key holds it: without the nonce (each boot's own)
+    and the host's clock parameters (the host's, not the VM's)."""
+    words = clock.without_parameters(cmdline).split()
+    return " ".join(w for w in words if not w.startswith(f"{NONCE_PARAMETER}="))
 
 
 def _disk_fields(storage: Storage | None) -> list[dict[str, Any]]:

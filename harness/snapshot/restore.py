@@ -25,8 +25,8 @@ first):
   that the RAM file's size and times did not change (its key holds the QEMU binary's hash,
   so every QEMU upgrade checks again).
 * ``stream``: the portable one: the whole migration stream (RAM included) in one file,
-  saved with ``migrate exec:cat > FILE`` and loaded with ``-incoming defer`` and
-  ``migrate-incoming exec:cat FILE`` (QEMU 7.2 has no ``file:`` URI).
+  saved with ``migrate fd:`` into a file the harness opened and loaded with ``-incoming
+  defer`` and ``migrate-incoming fd:`` (see :mod:`harness.snapshot.migration`).
 
 The mechanism a VM started with is in ``vm.boot_mechanism`` (``cold`` when it booted) and
 in the junit property ``boot_mechanism``.
@@ -269,7 +269,9 @@ def ensure(
     for candidate in order:
         entry = plan.entry(cache_root, candidate)
         if entry.exists():
-            return load(entry), False
+            snapshot = load(entry)
+            cache.touch(entry)  # pruning keeps the snapshots in use
+            return snapshot, False
     if plan.key in _FAILED:
         raise SnapshotError(_FAILED[plan.key])
     qemu = plan.key_parts["qemu"]
@@ -285,7 +287,7 @@ def ensure(
             create(plan, chosen, partial, creation)
 
         try:
-            made = cache.build_once(entry, build)
+            made = cache.build_once(entry, build, verify=False)  # it has its own manifest
         except SnapshotUnsupported as error:
             log.warning("snapshot mechanism %s does not work here: %s", candidate, error.message)
             if error.lasting:
@@ -352,9 +354,26 @@ class SnapshotStart:
             return
         creation = Creation(self.workdir, vm.deadlines)
         try:
-            snapshot, self.created = ensure(
-                self.plan, cache_root=self.cache_root, mechanism=self.mechanism, creation=creation
-            )
+            try:
+                snapshot, self.created = ensure(
+                    self.plan,
+                    cache_root=self.cache_root,
+                    mechanism=self.mechanism,
+                    creation=creation,
+                )
+            except SnapshotCorrupt as error:
+                # Never restore what the manifest disowns: throw it away and make it again
+                # (once: a second corrupt one boots cold).
+                discard(error.path, error.message)
+                message = f"{error.message}: discarded and made again"
+                log.warning("%s", message)
+                warnings.warn(SnapshotWarning(message), stacklevel=3)
+                snapshot, self.created = ensure(
+                    self.plan,
+                    cache_root=self.cache_root,
+                    mechanism=self.mechanism,
+                    creation=Creation(self.workdir / "remade", vm.deadlines),
+                )
         except SnapshotCorrupt as error:
             discard(error.path, error.message)
             self._boot_cold(vm, error)
@@ -402,25 +421,22 @@ class SnapshotStart:
         nonce = new_nonce()
         # No banner is expected after a restore: one would be an unexpected reboot.
         expected_boots = max(self.request.expected_boots - 1, 0)
-        machine = None
+        spec = plan.machine(
+            workdir,
+            ready_nonce=snapshot.ready_nonce,
+            mechanism=snapshot.mechanism,
+            ram=snapshot.ram_file,
+            share=False,
+            incoming=True,
+        )
+        machine = vm.use_machine(spec, workdir, nonce=nonce, expected_boots=expected_boots)
+        taken = None
         if self.spares is not None and spares:
-            firmware = vm.deadlines.of("firmware")
-            machine = spare.take(
-                plan, snapshot, workdir, nonce=nonce, expected_boots=expected_boots, wait=firmware
-            )
-        self.from_spare = machine is not None
-        if machine is not None:
-            vm.adopt(machine)
-        else:
-            spec = plan.machine(
-                workdir,
-                ready_nonce=snapshot.ready_nonce,
-                mechanism=snapshot.mechanism,
-                ram=snapshot.ram_file,
-                share=False,
-                incoming=True,
-            )
-            machine = vm.use_machine(spec, workdir, nonce=nonce, expected_boots=expected_boots)
+            taken = spare.take(plan, snapshot, machine, wait=vm.deadlines.of("firmware"))
+        self.from_spare = taken is not None
+        if taken is not None:
+            vm.adopt(taken)
+            machine = taken
         self.snapshot = snapshot
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "snapshot.txt").write_text(

@@ -96,10 +96,9 @@ def _connect(spare: _Spare) -> None:
         spare.error.append(error)
 
 
-def take(
-    plan: Plan, snapshot: Snapshot, workdir: Path, *, nonce: str, expected_boots: int, wait: float
-) -> Machine | None:
-    """The spare for ``snapshot`` handed over to ``workdir`` (which must not exist yet),
+def take(plan: Plan, snapshot: Snapshot, like: Machine, *, wait: float) -> Machine | None:
+    """The spare for ``snapshot`` handed over to the folder and console settings of ``like``
+    (the machine the VM made for itself, not launched; its folder must not exist yet),
     launched and paused, waiting for its stream; None when there is none (or it failed)."""
     global _SPARE
     with _LOCK:
@@ -114,8 +113,8 @@ def take(
         _stop(spare)
         return None
     try:
-        workdir.parent.mkdir(parents=True, exist_ok=True)
-        machine.hand_over(workdir, nonce=nonce, expected_boots=expected_boots)
+        like.workdir.parent.mkdir(parents=True, exist_ok=True)
+        machine.hand_over(like.workdir, like)
     except (OSError, HarnessError) as error:
         log.debug("spare QEMU not handed over: %s", error)
         _stop(spare)

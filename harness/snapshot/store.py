@@ -10,8 +10,6 @@ truncated or corrupt snapshot is found before QEMU sees it and is never half use
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from harness import cache
+from harness.manifest import content_digest as content_digest  # re-exported
+from harness.manifest import file_identity as file_identity
 from harness.snapshot.errors import SnapshotCorrupt
 
 log = logging.getLogger(__name__)
@@ -34,68 +34,8 @@ STATE_FILE = "state.mig"
 RAM_FILE = "ram.img"
 MANIFEST = "manifest.json"
 
-# -- digests, cached per process by file identity
-
-_DIGESTS: dict[tuple[str, int, int, int, int, int], str] = {}
-
-
-def file_identity(path: Path) -> tuple[str, int, int, int, int, int]:
-    """``path``, its device, inode, size and times: what changes when the file may have.
-
-    Raises:
-        OSError: ``path`` cannot be stat'ed.
-    """
-    st = path.stat()
-    return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-_PAGE = 4096
-_ZERO_PAGE = bytes(_PAGE)
-
-
-def content_digest(path: Path) -> str:
-    """SHA-256 of the content of ``path``: each non-zero 4 KiB page with its offset, and the size.
-
-    Guest RAM files are sparse (a 512 MiB guest touches ~100 MiB at the ready point), so
-    only the file's data extents are read and holes are skipped; zero pages count as
-    holes, so the digest depends on the content alone, not on how it is laid out on disk
-    (a sparse or a full copy digest the same). Cached per process while the file's size,
-    inode and times stay the same.
-    """
-    identity = file_identity(path)
-    known = _DIGESTS.get(identity)
-    if known is not None:
-        return known
-    hasher = hashlib.sha256()
-    with path.open("rb") as handle:
-        fd = handle.fileno()
-        size = os.fstat(fd).st_size
-        done = 0  # pages before this offset have been digested
-        while done < size:
-            try:
-                start = os.lseek(fd, done, os.SEEK_DATA)
-            except OSError as error:
-                if error.errno == errno.ENXIO:  # nothing but a hole up to the end
-                    break
-                raise
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            offset = max(done, start - start % _PAGE)
-            handle.seek(offset)
-            while offset < end:
-                chunk = handle.read(min(1 << 20, end - offset + (-end) % _PAGE))
-                if not chunk:
-                    break
-                for at in range(0, len(chunk), _PAGE):
-                    page = chunk[at : at + _PAGE]
-                    if page != _ZERO_PAGE[: len(page)]:
-                        hasher.update((offset + at).to_bytes(8, "little"))
-                        hasher.update(page)
-                offset += len(chunk)
-            done = max(offset, end)
-        hasher.update(size.to_bytes(8, "little"))
-    value = hasher.hexdigest()
-    _DIGESTS[identity] = value
-    return value
+# -- digests: the sparse-aware content digest of harness.manifest (guest RAM files are
+# mostly holes), cached per process by file identity
 
 
 def verified_digest(path: Path) -> str:

@@ -24,11 +24,12 @@ log = logging.getLogger(__name__)
 
 # The module and kernel option(s) each file system needs; ext2 and ext3 are served by the
 # ext4 driver in most distribution kernels (CONFIG_EXT4_USE_FOR_EXT2).
-FS_MODULE = {"ext4": "ext4", "ext3": "ext4", "ext2": "ext4"}
+FS_MODULE = {"ext4": "ext4", "ext3": "ext4", "ext2": "ext4", "iso9660": "isofs"}
 FS_CONFIG = {
     "ext4": "CONFIG_EXT4_FS",
     "ext3": "CONFIG_EXT3_FS|CONFIG_EXT4_FS",
     "ext2": "CONFIG_EXT2_FS|CONFIG_EXT4_USE_FOR_EXT2",
+    "iso9660": "CONFIG_ISO9660_FS",
 }
 
 
@@ -39,6 +40,9 @@ class Storage:
     plan: Plan
     images: tuple[DiskImage, ...]
     fstypes: tuple[str, ...]  # file systems the initramfs must be able to mount
+    # How the root sits on the disks, for reports: "" (a file system on the whole disk),
+    # or e.g. "mbr", "gpt", "lvm", "raid1", "luks" ("+"-joined when stacked).
+    layout: str = ""
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -57,21 +61,36 @@ class Storage:
     def attach(self, workdir: Path) -> list[str]:
         """Make one overlay per disk in ``workdir``; the QEMU ``-device``/``-drive`` args.
 
+        A disk with its own ``overlay`` path boots that file, made on the first attach and
+        reused afterwards; a CD-ROM boots its image read-only, with no overlay.
+
         Raises:
-            ConfigError: a base image is missing or unreadable.
+            ConfigError: a base image is missing or unreadable, or a kept overlay belongs to
+                another base image.
         """
-        overlays = [
-            disks.overlay(image, workdir / f"{a.drive_id}.qcow2")
-            for image, a in zip(self.images, self.plan.attachments, strict=True)
-        ]
+        files: list[Path] = []
+        formats: list[str] = []
+        for image, a in zip(self.images, self.plan.attachments, strict=True):
+            if a.disk.media == "cdrom":
+                files.append(image.path.resolve())
+                formats.append(image.format)
+            elif a.disk.overlay is not None:
+                files.append(disks.kept_overlay(image, a.disk.overlay))
+                formats.append("qcow2")
+            else:
+                files.append(disks.overlay(image, workdir / f"{a.drive_id}.qcow2"))
+                formats.append("qcow2")
         args: list[str] = []
         for device in self.plan.device_args():
             args += ["-device", device]
-        return self.plan.drive_args(overlays) + args
+        return self.plan.drive_args(files, formats=formats) + args
 
     def overlay(self, workdir: Path, index: int = 0) -> Path:
-        """The overlay :meth:`attach` made for disk ``index`` in ``workdir``."""
-        return workdir / f"{self.plan.attachments[index].drive_id}.qcow2"
+        """The overlay :meth:`attach` made (or reused) for disk ``index`` in ``workdir``."""
+        attachment = self.plan.attachments[index]
+        if attachment.disk.overlay is not None:
+            return attachment.disk.overlay
+        return workdir / f"{attachment.drive_id}.qcow2"
 
 
 def plan(
@@ -108,3 +127,19 @@ def plan(
         found = (wanted,) if wanted else tuple(i.fstype for i in images if i.fstype)
         fstypes = tuple(dict.fromkeys(found))
     return Storage(placed, images, fstypes)
+
+
+def with_boot_disk(storage: Storage | None, disk: Disk, *, machine: str = "pc") -> Storage:
+    """``storage`` plus the boot disk ``disk``, placed after the test's own disks (their
+    indices, drive ids and units stay as planned; the boot disk's ``bootindex`` puts it first
+    for the firmware).
+
+    Raises:
+        ConfigError: see :func:`harness.storage.controllers.plan`.
+    """
+    others = [] if storage is None else [a.disk for a in storage.plan.attachments]
+    placed = controllers.plan([*others, disk], machine=machine)
+    image = disk.image if isinstance(disk.image, DiskImage) else DiskImage.open(Path(disk.image))
+    images = () if storage is None else storage.images
+    fstypes = () if storage is None else storage.fstypes
+    return Storage(placed, (*images, image), fstypes)

@@ -25,16 +25,18 @@ from harness.storage.disks import DiskImage
 log = logging.getLogger(__name__)
 
 _ID = re.compile(r"[^A-Za-z0-9]+")
+MEDIA = ("disk", "cdrom")
 
 
 @dataclass(frozen=True)
 class Controller:
     """One emulated storage controller model.
 
-    ``devices`` and ``drive`` are ``-device`` templates: ``{id}`` is the controller
+    ``devices``, ``drive`` and ``cdrom`` are ``-device`` templates: ``{id}`` is the controller
     instance's QEMU id, ``{drive}`` the ``-drive`` id, ``{serial}`` the disk's serial number,
     ``{unit}`` its unit on the controller, ``{bus}``/``{slot}`` ``unit`` split in two for
-    buses with two devices each (IDE master/slave).
+    buses with two devices each (IDE master/slave). ``cdrom`` is how a CD-ROM drive hangs off
+    the controller (ATAPI ``ide-cd`` or SCSI ``scsi-cd``); None where there is no such drive.
     """
 
     name: str
@@ -46,23 +48,37 @@ class Controller:
     naming: str  # "sd", "vd" or "nvme": the guest's block device names
     max_units: int
     machines: tuple[str, ...] = ()  # machine types it exists on (empty: any)
+    cdrom: str | None = None  # one per CD-ROM drive
+    cdrom_modules: tuple[str, ...] = ()  # guest modules for a CD-ROM drive on it
+    cdrom_config: tuple[str, ...] = ()
 
     def device_args(self, instance_id: str) -> list[str]:
         """The controller's own ``-device`` values for one instance."""
         return [template.format(id=instance_id) for template in self.devices]
 
-    def drive_arg(self, instance_id: str, drive_id: str, unit: int, serial: str) -> str:
+    def drive_arg(
+        self, instance_id: str, drive_id: str, unit: int, serial: str, media: str = "disk"
+    ) -> str:
         """The ``-device`` value that attaches drive ``drive_id`` at ``unit``.
 
         Raises:
-            ConfigError: ``unit`` is beyond what the controller has.
+            ConfigError: ``unit`` is beyond what the controller has, or a CD-ROM drive on a
+                controller that has none.
         """
         if not 0 <= unit < self.max_units:
             raise ConfigError(
                 f"controller {self.name!r}: unit {unit} does not exist; "
                 f"use 0 to {self.max_units - 1}"
             )
-        return self.drive.format(
+        template = self.drive
+        if media == "cdrom":
+            if self.cdrom is None:
+                raise ConfigError(
+                    f"controller {self.name!r} has no CD-ROM drive; use one of "
+                    f"{', '.join(n for n, c in CONTROLLERS.items() if c.cdrom)}"
+                )
+            template = self.cdrom
+        return template.format(
             id=instance_id,
             drive=drive_id,
             unit=unit,
@@ -110,6 +126,9 @@ CONTROLLERS: Mapping[str, Controller] = {
             naming="sd",
             max_units=4,
             machines=("pc",),
+            cdrom="ide-cd,drive={drive},bus=ide.{bus},unit={slot},serial={serial}",
+            cdrom_modules=("ata_piix", "sr_mod"),
+            cdrom_config=("CONFIG_ATA_PIIX", "CONFIG_BLK_DEV_SR"),
         ),
         Controller(
             name="ahci",
@@ -120,6 +139,9 @@ CONTROLLERS: Mapping[str, Controller] = {
             config=("CONFIG_SATA_AHCI", "CONFIG_BLK_DEV_SD"),
             naming="sd",
             max_units=6,
+            cdrom="ide-cd,drive={drive},bus={id}.{unit},serial={serial}",
+            cdrom_modules=("ahci", "sr_mod"),
+            cdrom_config=("CONFIG_SATA_AHCI", "CONFIG_BLK_DEV_SR"),
         ),
         Controller(
             name="lsi",
@@ -130,6 +152,9 @@ CONTROLLERS: Mapping[str, Controller] = {
             config=("CONFIG_SCSI_SYM53C8XX_2", "CONFIG_BLK_DEV_SD"),
             naming="sd",
             max_units=7,  # SCSI id 7 is the adapter's own
+            cdrom="scsi-cd,drive={drive},bus={id}.0,scsi-id={unit},serial={serial}",
+            cdrom_modules=("sym53c8xx", "sr_mod"),
+            cdrom_config=("CONFIG_SCSI_SYM53C8XX_2", "CONFIG_BLK_DEV_SR"),
         ),
         Controller(
             name="megasas",
@@ -150,6 +175,11 @@ CONTROLLERS: Mapping[str, Controller] = {
             config=("CONFIG_VIRTIO_PCI", "CONFIG_SCSI_VIRTIO", "CONFIG_BLK_DEV_SD"),
             naming="sd",
             max_units=256,
+            cdrom=(
+                "scsi-cd,drive={drive},bus={id}.0,channel=0,scsi-id={unit},lun=0,serial={serial}"
+            ),
+            cdrom_modules=("virtio_pci", "virtio_scsi", "sr_mod"),
+            cdrom_config=("CONFIG_VIRTIO_PCI", "CONFIG_SCSI_VIRTIO", "CONFIG_BLK_DEV_SR"),
         ),
         Controller(
             name="virtio-blk",
@@ -199,6 +229,12 @@ class Disk:
     qcow2, detected). The VM boots a copy-on-write overlay of it, never the image itself.
     ``unit`` defaults to the controller's next free one; ``instance`` picks a second
     controller of the same model (``ahci`` instance 1 is another ich9-ahci).
+
+    ``media="cdrom"`` makes it a CD-ROM drive (ATAPI or SCSI, per the controller) holding
+    ``image`` (an ISO 9660 image) read-only, with no overlay. ``overlay`` names the overlay
+    file to boot instead of a fresh one per VM: made by the first boot that attaches it and
+    reused by every later one, so one test can boot several times against the same disk
+    state (install, then boot what was installed) while the base image never changes.
     """
 
     image: DiskImage | Path
@@ -206,6 +242,9 @@ class Disk:
     unit: int | None = None
     instance: int = 0
     serial: str | None = None
+    media: str = "disk"
+    overlay: Path | None = None
+    bootindex: int | None = None  # the firmware's boot order (0 first); None: not bootable
 
 
 @dataclass(frozen=True)
@@ -237,30 +276,62 @@ class Plan:
 
     @property
     def modules(self) -> tuple[str, ...]:
-        """Guest modules for every controller used, each once, in order."""
-        names = (m for c in self.controllers for m in c.modules)
+        """Guest modules for every controller used (and its CD-ROM drives), each once, in order."""
+        names = (m for a in self.attachments for m in _needs(a, "modules"))
         return tuple(dict.fromkeys(names))
 
     @property
     def config(self) -> dict[str, tuple[str, ...]]:
-        """Kernel options each used controller needs, by controller name."""
-        return {c.name: c.config for c in self.controllers}
+        """Kernel options each used controller needs (with its drives), by controller name."""
+        needs: dict[str, tuple[str, ...]] = {}
+        for a in self.attachments:
+            name = a.controller.name
+            needs[name] = tuple(dict.fromkeys((*needs.get(name, ()), *_needs(a, "config"))))
+        return needs
 
     def device_args(self) -> list[str]:
         """``-device`` values: controllers first, then one per disk."""
         devices = list(self.controller_devices)
         for a in self.attachments:
-            devices.append(a.controller.drive_arg(a.instance_id, a.drive_id, a.unit, a.serial))
+            device = a.controller.drive_arg(
+                a.instance_id, a.drive_id, a.unit, a.serial, a.disk.media
+            )
+            if a.disk.bootindex is not None:
+                device += f",bootindex={a.disk.bootindex}"
+            devices.append(device)
         return devices
 
-    def drive_args(self, overlays: Sequence[Path], fmt: str = "qcow2") -> list[str]:
-        """``-drive`` arguments (flag and value pairs), one per disk, for its overlay."""
+    def drive_args(
+        self, overlays: Sequence[Path], fmt: str = "qcow2", formats: Sequence[str] = ()
+    ) -> list[str]:
+        """``-drive`` arguments (flag and value pairs), one per disk, for its overlay.
+
+        ``formats`` gives each file's format when they differ (a CD-ROM's image is attached
+        as it is, read-only, usually raw); otherwise every file is ``fmt``.
+        """
         if len(overlays) != len(self.attachments):
             raise ValueError("one overlay per attached disk")
+        chosen = list(formats) or [fmt] * len(overlays)
         args: list[str] = []
-        for attachment, overlay in zip(self.attachments, overlays, strict=True):
-            args += ["-drive", f"if=none,id={attachment.drive_id},file={overlay},format={fmt}"]
+        for attachment, overlay, form in zip(self.attachments, overlays, chosen, strict=True):
+            # file.auto-read-only=off: the overlay is opened read-write at QEMU's start, before
+            # a sandboxed QEMU drops privileges; otherwise a VM restored from a snapshot
+            # reopens it by name when it resumes, and may not (harness.vm.sandbox).
+            value = f"if=none,id={attachment.drive_id},file={overlay},format={form}"
+            if attachment.disk.media == "cdrom":
+                value += ",media=cdrom,readonly=on"
+            else:
+                value += ",file.auto-read-only=off"
+            args += ["-drive", value]
         return args
+
+
+def _needs(attachment: Attachment, what: str) -> tuple[str, ...]:
+    """A controller's ``modules`` or ``config`` for a disk on it, or for a CD-ROM drive."""
+    controller = attachment.controller
+    if attachment.disk.media == "cdrom":
+        return controller.cdrom_modules if what == "modules" else controller.cdrom_config
+    return controller.modules if what == "modules" else controller.config
 
 
 def plan(disks: Sequence[Disk], *, machine: str = "pc") -> Plan:
@@ -280,6 +351,10 @@ def plan(disks: Sequence[Disk], *, machine: str = "pc") -> Plan:
                 f"{' or '.join(controller.machines)} machine, not {machine!r}; "
                 "choose another controller or machine"
             )
+        if disk.media not in MEDIA:
+            raise ConfigError(f"disk {index}: media {disk.media!r}: use one of {', '.join(MEDIA)}")
+        if disk.media == "cdrom" and disk.overlay is not None:
+            raise ConfigError(f"disk {index}: a CD-ROM is read-only and has no overlay")
         if disk.instance < 0:
             raise ConfigError(f"disk {index}: controller instance {disk.instance} is negative")
         instance_id = f"{_ID.sub('', controller.name)}{disk.instance}"
@@ -315,8 +390,8 @@ def plan(disks: Sequence[Disk], *, machine: str = "pc") -> Plan:
             unit=unit,
             serial=disk.serial or f"bh-{drive_id}",
         )
-        # Validates the unit against the controller's range.
-        controller.drive_arg(instance_id, drive_id, unit, attachment.serial)
+        # Validates the unit against the controller's range (and that it has CD-ROM drives).
+        controller.drive_arg(instance_id, drive_id, unit, attachment.serial, disk.media)
         result.attachments.append(attachment)
     return result
 

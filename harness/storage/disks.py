@@ -34,6 +34,7 @@ FORMATS = ("raw", "qcow2")
 FILESYSTEMS = ("ext2", "ext3", "ext4")
 _SIZE = re.compile(r"(?i)^\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*$")
 _LABEL_MAX = 16  # ext2/3/4 volume labels are at most 16 bytes
+_ISO_LABEL = re.compile(r"^[A-Z0-9_]{1,32}$")
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,40 @@ def filesystem(
     return _finish(image, read_only)
 
 
+def iso9660(
+    source: Path,
+    path: Path,
+    *,
+    label: str,
+    read_only: bool = True,
+) -> DiskImage:
+    """An ISO 9660 CD image of folder ``source`` with Rock Ridge (modes, owners, symlinks).
+
+    ``label`` becomes the volume id, which ``findfs LABEL=`` and blkid read in the guest.
+    Made with xorriso (``-as mkisofs``), or genisoimage when only that is installed; no root.
+
+    Raises:
+        ConfigError: the folder does not exist or the label is not a valid volume id.
+        MissingToolError: neither xorriso nor genisoimage is installed.
+    """
+    if not source.is_dir():
+        raise ConfigError(f"ISO source {source} is not a folder")
+    if not _ISO_LABEL.match(label):
+        raise ConfigError(
+            f"ISO volume label {label!r}: use 1 to 32 of A-Z, 0-9 and _ (ISO 9660 d-characters)"
+        )
+    if shutil.which("xorriso"):
+        argv = [tools.require("xorriso"), "-as", "mkisofs"]
+    else:
+        argv = [tools.require("genisoimage")]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    argv += ["-quiet", "-R", "-V", label, "-o", str(path), str(source)]
+    _run(argv, what=f"make an ISO image of {source}", error=ConfigError)
+    size = path.stat().st_size
+    return _finish(DiskImage(path, "raw", size, fstype="iso9660", label=label), read_only)
+
+
 def partitioned(
     fs_image: DiskImage,
     path: Path,
@@ -297,6 +332,32 @@ def overlay(base: DiskImage | Path, path: Path) -> Path:
         ],
         what=f"create an overlay of {image.path}",
     )
+    return path
+
+
+def kept_overlay(base: DiskImage | Path, path: Path) -> Path:
+    """The overlay of ``base`` at ``path``: made if missing, else checked and reused.
+
+    For tests that boot several times against one disk state: each boot writes to the same
+    overlay, the base image stays as it was.
+
+    Raises:
+        ConfigError: ``path`` exists but is not an overlay of ``base``, or ``base`` is
+            missing or unreadable.
+        MissingToolError: qemu-img is not installed.
+    """
+    image = base if isinstance(base, DiskImage) else DiskImage.open(base)
+    if not path.exists():
+        return overlay(image, path)
+    info = image_info(path)
+    backing = info.get("full-backing-filename") or info.get("backing-filename")
+    if info.get("format") != "qcow2" or backing is None:
+        raise ConfigError(f"{path} is not a qcow2 overlay; remove it or choose another path")
+    if Path(str(backing)).resolve() != image.path.resolve():
+        raise ConfigError(
+            f"{path} is an overlay of {backing}, not of {image.path}; "
+            "a kept overlay serves one base image"
+        )
     return path
 
 

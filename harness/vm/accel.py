@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness import lifeline
 from harness.cache import cache_root, digest, locked
 from harness.outcome import ConfigError, Evidence, InfraError
 from harness.tools import require
@@ -238,10 +239,12 @@ def _run_probe(qemu: str, accel: str, deadline: float, workdir: Path) -> _Probe:
                 stdout=subprocess.DEVNULL,
                 stderr=stderr_file,
                 start_new_session=True,
+                preexec_fn=lifeline.die_with_parent(),
             )
         except OSError as error:
             reason = f"{label} probe could not start {qemu}: {error}"
             return _Probe(works=False, reason=reason, deadline=deadline, argv=argv)
+        lifeline.adopt(proc.pid)  # a KVM guest spinning for ever must not outlive us
         try:
             status = proc.wait(timeout=deadline)
         except subprocess.TimeoutExpired:
@@ -250,6 +253,8 @@ def _run_probe(qemu: str, accel: str, deadline: float, workdir: Path) -> _Probe:
             # Also reached on KeyboardInterrupt: never leave the guest running.
             if proc.returncode is None:
                 _kill_group(proc)
+            if proc.returncode is not None:
+                lifeline.release(proc.pid)
     elapsed = time.monotonic() - start
     stderr = _tail(stderr_path)
 

@@ -16,28 +16,42 @@ import re
 import secrets
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from harness import cache, tools
+from harness.image import foreign, templates
+from harness.image.foreign import OverlayFiles
 from harness.image.initramfs import Initramfs, InitramfsSpec
 from harness.image.initramfs import build as build_initramfs
 from harness.kernel.provision import Kernel
+from harness.kernel.symbols import Symboliser, trace_block
 from harness.outcome import (
+    ConfigError,
     Evidence,
     HarnessError,
+    KernelFault,
     Outcome,
     TestFailure,
 )
-from harness.storage.attach import Storage
-from harness.vm import exitcode, power
+from harness.storage import bootpaths, firmware
+from harness.storage.attach import Storage, with_boot_disk
+from harness.storage.bootpaths import BootSpec
+from harness.storage.controllers import Disk
+from harness.vm import clock, exitcode, loader, login, power
 from harness.vm.console import Console, ConsoleClosed, Mark, marker_regex
 from harness.vm.deadlines import DEFAULT_DEADLINES, Deadlines
+from harness.vm.dimensions import FOREIGN, UNKNOWN, Dimensions, joined
+from harness.vm.faults import Fault
+from harness.vm.kernel_warnings import WarningPolicy
+from harness.vm.kernel_warnings import summary as warning_summary
 from harness.vm.machine import Machine, MachineSpec
+from harness.vm.patterns import INIT_START_REGEX, ConsoleVerdict
 from harness.vm.qmp import Qmp, QmpEvent
 from harness.vm.shell import GuestShell
+from harness.vm.stalls import StallLimits
 from harness.vm.state import VmState
 
 log = logging.getLogger(__name__)
@@ -102,6 +116,12 @@ class BootRequest:
     ``storage`` is planned but not attached: each VM folder gets its own disk overlays.
     ``machine_options`` are :class:`~harness.vm.machine.MachineSpec` fields (``machine``,
     ``memory_mb``, ``devices``, ``extra_args``, ...).
+
+    ``initrd`` boots a prebuilt image as it is instead of building ``initramfs``;
+    ``overlay`` appends an archive of files to whichever image boots
+    (:func:`harness.image.foreign.overlay`). ``verdict`` holds the console patterns; with
+    ``markers`` False (the default for ``initrd`` and for templates that declare
+    ``{# bootharness: markers=off #}``) they alone judge the boot (:mod:`harness.vm.patterns`).
     """
 
     kernel: Kernel
@@ -113,15 +133,39 @@ class BootRequest:
     storage: Storage | None = None
     load_factor: float = 1.0  # how much the machine's load stretched ``deadlines``
     machine_options: Mapping[str, Any] = field(default_factory=dict)
+    initrd: Path | None = None
+    overlay: OverlayFiles = field(default_factory=dict)
+    verdict: ConsoleVerdict = field(default_factory=ConsoleVerdict)
+    markers: bool | None = None
+    boot: BootSpec = field(default_factory=BootSpec)  # the boot path (default: pvh)
+    kernel_warnings: WarningPolicy = field(default_factory=WarningPolicy)
 
-    def options_for(self, workdir: Path) -> dict[str, Any]:
-        """The machine options with this request's disks attached in ``workdir``."""
+    @property
+    def prints_markers(self) -> bool:
+        """Whether the init prints this harness's markers (else patterns judge the boot).
+
+        Raises:
+            ConfigError: the template cannot be found.
+        """
+        if self.markers is not None:
+            return self.markers
+        if self.initrd is not None:
+            return False
+        spec = self.initramfs
+        return templates.prints_markers(spec.template, extra_dirs=spec.template_dirs)
+
+    def options_for(self, workdir: Path, storage: Storage | None = None) -> dict[str, Any]:
+        """The machine options with this request's disks (or ``storage``) attached in
+        ``workdir``, and the boot path's firmware (OVMF's variable store copied there)."""
         options = dict(self.machine_options)
-        if self.storage is not None:
-            options["extra_args"] = (
-                *self.storage.attach(workdir),
-                *self.machine_options.get("extra_args", ()),
-            )
+        disks = storage if storage is not None else self.storage
+        machine = str(options.get("machine", "pc"))
+        chosen = firmware.get(self.boot.path.firmware, machine)
+        extra = [*chosen.qemu_args(workdir)]
+        if disks is not None:
+            extra += disks.attach(workdir)
+        if extra:
+            options["extra_args"] = (*extra, *self.machine_options.get("extra_args", ()))
         return options
 
 
@@ -130,26 +174,76 @@ def cold_machine(
 ) -> tuple[MachineSpec, str]:
     """The machine that boots ``request`` from the start, and the nonce on its command line.
 
-    Builds the initramfs (or takes it from the cache), attaches the disks' overlays in
-    ``workdir`` and keeps the rendered init there for the evidence.
+    Builds the initramfs (or takes it from the cache) or checks the prebuilt one, appends
+    the overlay, attaches the disks' overlays in ``workdir`` and keeps the rendered init (or
+    the prebuilt image's name and digest) there for the evidence.
 
     Raises:
-        ConfigError: bad template, module or file (see :func:`harness.image.initramfs.build`).
+        ConfigError: bad template, module or file (see :func:`harness.image.initramfs.build`),
+            or a prebuilt image the kernel cannot unpack.
     """
     kernel = request.kernel
-    image = build_initramfs(kernel, with_harness_modules(kernel, request.initramfs), cache_root)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "init.sh").write_text(image.init_script)
+    if request.initrd is not None:
+        foreign.check_kernel_can_unpack(request.initrd, kernel.config, kernel_name=kernel.name)
+        image_path = request.initrd
+        (workdir / "initrd.txt").write_text(
+            f"{request.initrd}\nsha256 {foreign.image_digest(request.initrd)}\n"
+        )
+    else:
+        spec = with_harness_modules(kernel, request.initramfs)
+        built = build_initramfs(kernel, spec, cache_root)
+        (workdir / "init.sh").write_text(built.init_script)
+        image_path = built.path
+    if request.overlay:
+        image_path = overlaid_image(image_path, request.overlay, cache_root)
     nonce = new_nonce()
-    spec = machine_spec(
-        kernel,
-        image,
-        nonce=nonce,
-        accel=request.accel,
-        cmdline=request.cmdline,
-        **request.options_for(workdir),
+    path = request.boot.path
+    if path.direct:
+        machine = machine_spec(
+            kernel,
+            image_path,
+            nonce=nonce,
+            accel=request.accel,
+            cmdline=request.cmdline,
+            prefer_vmlinux=path.kernel_image == "vmlinux",
+            **request.options_for(workdir),
+        )
+        return machine, nonce
+    # Through firmware: the kernel and initramfs go onto a boot disk of this VM's own, whose
+    # loader passes the command line with this boot's nonce.
+    disk_image = bootpaths.build_disk(
+        request.boot,
+        workdir,
+        kernel=kernel,
+        initrd=image_path,
+        cmdline=full_cmdline(kernel, nonce, request.cmdline, request.accel),
+        cache_root=cache_root,
     )
-    return spec, nonce
+    machine_type = str(request.machine_options.get("machine", "pc"))
+    boot_disk = Disk(disk_image, request.boot.controller, bootindex=0, serial="bh-boot")
+    storage = with_boot_disk(request.storage, boot_disk, machine=machine_type)
+    options = request.options_for(workdir, storage)
+    return MachineSpec(kernel=None, accel=request.accel, **options), nonce
+
+
+def overlaid_image(image: Path, files: OverlayFiles, cache_root: Path) -> Path:
+    """``image`` with an overlay archive of ``files`` appended, kept in the cache under the
+    digest of both (the same base and files give the same image, built once).
+
+    Raises:
+        ConfigError: an unreadable image or a bad overlay file.
+    """
+    archive = foreign.overlay_archive(image, files)
+    key = cache.digest(["overlay-1", foreign.image_digest(image), archive])
+    target = cache_root / "initramfs" / f"overlay-{key[:32]}.img"
+
+    def write(partial: Path) -> None:
+        data = image.read_bytes()
+        partial.write_bytes(data + b"\0" * (-len(data) % 4) + archive)
+
+    cache.build_once(target, write)
+    return target
 
 
 def prepare_vm(request: BootRequest, *, cache_root: Path, workdir: Path) -> Vm:
@@ -181,7 +275,40 @@ def vm_for(
         storage=request.storage,
         load_factor=request.load_factor,
         start_plan=start_plan,
+        verdict=request.verdict,
+        markers=request.prints_markers,
+        boot=request.boot,
+        dimensions=declared_dimensions(request, booted=spec.initrd),
+        kernel_warnings=request.kernel_warnings,
     )
+
+
+def full_cmdline(kernel: Kernel, nonce: str, cmdline: str = "", accel: str = "tcg") -> str:
+    """The kernel command line of one boot: the harness's base, the nonce, the guest's time
+    keeping for ``accel`` (:mod:`harness.vm.clock`), the kernel's own and the test's words."""
+    timing = clock.parameters(accel, f"{kernel.cmdline} {cmdline}")
+    words = [BASE_CMDLINE, f"{NONCE_PARAMETER}={nonce}", timing, kernel.cmdline, cmdline]
+    return " ".join(w for w in words if w)
+
+
+def declared_dimensions(request: BootRequest, *, booted: Path | None = None) -> Dimensions:
+    """What ``request`` says about the boot's dimensions before it runs (the rest, such as the
+    kernel and the disks' controllers, :meth:`Vm.dimensions` reads from the VM itself).
+
+    A feature that changes what boots (a boot path, a prebuilt initramfs) names it here. A
+    prebuilt image is ``foreign``, with the digest of the file as booted (``booted``: with its
+    overlay, when it has one) and the generator its content shows.
+    """
+    path = request.boot.path.name
+    if request.initrd is not None:
+        image = booted or request.initrd
+        return Dimensions(
+            initramfs=FOREIGN,
+            initramfs_digest=foreign.image_digest(image)[:12],
+            generator=foreign.generator_of(request.initrd),
+            boot_path=path,
+        )
+    return Dimensions(template=request.initramfs.template.removesuffix(".j2"), boot_path=path)
 
 
 def machine_spec(
@@ -194,12 +321,23 @@ def machine_spec(
     prefer_vmlinux: bool = True,
     **options: Any,
 ) -> MachineSpec:
-    """The fast-defaults machine for ``kernel``: vmlinux through PVH when it has the entry."""
+    """The fast-defaults machine for ``kernel``: vmlinux through PVH when it has the entry,
+    and under TCG a guest clock that the host's load cannot miscalibrate (:mod:`.clock`)."""
     image = (kernel.vmlinux() if prefer_vmlinux else None) or kernel.vmlinuz
     initrd = initramfs.path if isinstance(initramfs, Initramfs) else initramfs
-    words = [BASE_CMDLINE, f"{NONCE_PARAMETER}={nonce}", kernel.cmdline, cmdline]
-    full_cmdline = " ".join(w for w in words if w)
-    return MachineSpec(kernel=image, initrd=initrd, cmdline=full_cmdline, accel=accel, **options)
+    line = full_cmdline(kernel, nonce, cmdline, accel)
+    return MachineSpec(kernel=image, initrd=initrd, cmdline=line, accel=accel, **options)
+
+
+def symboliser_for(kernel: Kernel | None) -> Symboliser | None:
+    """What symbolises ``kernel``'s traces: its own vmlinux (a source build's, with debug info
+    when it was built with it), System.map and modules; None when it has none of them."""
+    if kernel is None:
+        return None
+    symboliser = Symboliser(
+        system_map=kernel.system_map, vmlinux=kernel.debug_vmlinux, modules_dir=kernel.modules_dir
+    )
+    return symboliser if symboliser.useful else None
 
 
 @dataclass
@@ -216,6 +354,9 @@ class BootResult:
     qemu_version: str = ""
     error: HarnessError | None = None
     start: str = "cold"  # or "<mechanism> snapshot", or why a snapshot was not used
+    boot_path: str = bootpaths.DEFAULT_BOOT_PATH
+    boot_entry: str = ""  # the boot loader's menu entry that booted, when there was one
+    warnings: list[str] = field(default_factory=list)  # kernel warnings the policy lists
 
     @property
     def boot_time(self) -> float | None:
@@ -225,15 +366,20 @@ class BootResult:
 
     def render(self) -> str:
         """A boot report a person reads at a glance."""
-        lines = [
-            f"kernel:   {self.kernel} ({self.release})",
-            f"qemu:     {self.qemu_version}, accel {self.accel}",
-            f"start:    {self.start}",
-            "phases:",
-        ]
-        lines += [
-            f"  {m.at:8.3f} s  {m.name}{'  ' + m.detail if m.detail else ''}" for m in self.marks
-        ]
+        lines = [*self.header_lines(), *(mark_line(m) for m in self.marks), *self.end_lines()]
+        return "\n".join(lines)
+
+    def header_lines(self) -> list[str]:
+        """What booted, known before the boot starts; ends with the ``phases:`` heading."""
+        return header_lines(
+            self.kernel, self.release, self.qemu_version, self.accel, self.boot_path
+        )
+
+    def end_lines(self) -> list[str]:
+        """How the VM started, the outcome, the console log and, for a failure, its
+        evidence."""
+        lines = [f"warning:  {warning}" for warning in self.warnings]
+        lines.append(f"start:    {self.start}")
         lines.append(
             f"outcome:  {self.outcome.name}" + (f": {self.message}" if self.message else "")
         )
@@ -243,7 +389,24 @@ class BootResult:
             details = self.error.evidence.render()
             if details:
                 lines.append(details)
-        return "\n".join(lines)
+        return lines
+
+
+def header_lines(
+    kernel: str, release: str, qemu: str, accel: str, boot_path: str = bootpaths.DEFAULT_BOOT_PATH
+) -> list[str]:
+    """The head of a boot report (see :meth:`BootResult.render`)."""
+    return [
+        f"kernel:   {kernel} ({release})",
+        f"qemu:     {qemu}, accel {accel}",
+        f"boot:     {boot_path}",
+        "phases:",
+    ]
+
+
+def mark_line(mark: Mark) -> str:
+    """One point of progress as a boot report lists it: seconds, name, detail."""
+    return f"  {mark.at:8.3f} s  {mark.name}{'  ' + mark.detail if mark.detail else ''}"
 
 
 class StartPlan(Protocol):
@@ -274,28 +437,43 @@ class Vm:
         storage: Storage | None = None,
         load_factor: float = 1.0,
         start_plan: StartPlan | None = None,
+        verdict: ConsoleVerdict | None = None,
+        markers: bool = True,
+        boot: BootSpec | None = None,
+        dimensions: Dimensions = UNKNOWN,
+        kernel_warnings: WarningPolicy | None = None,
     ) -> None:
         self.spec = spec
+        self.boot = boot or BootSpec()  # the boot path and, through a disk, menu and entry
         self.kernel = kernel  # what it boots, for reports (None for a hand-made spec)
+        self.kernel_warnings = kernel_warnings or WarningPolicy()
+        self.symboliser = symboliser_for(kernel)
         self.storage = storage  # the disks attached, when the test gave some
         self.load_factor = load_factor  # how much the machine's load stretched the deadlines
         self.boot_mechanism = "cold"  # or how a snapshot restored it (harness.snapshot.restore)
         self.nonce = nonce
         self.deadlines = deadlines
-        self.machine = Machine(spec, workdir, nonce=nonce, expected_boots=expected_boots)
+        # Whether the init prints our markers; without them the console patterns of
+        # ``verdict`` judge the boot and the kernel's messages mark its phases.
+        self.markers = markers
+        self.verdict = verdict or ConsoleVerdict()
+        self.machine = self._new_machine(spec, workdir, nonce, expected_boots)
         self.start_plan = start_plan
+        self.declared = dimensions  # what its maker said it boots (see dimensions())
         self._guest_shell: GuestShell | None = None
+        # What to type when an initramfs asks for a LUKS passphrase (a distro boot's layout).
+        self.passphrase: str | None = None
 
     def use_machine(
         self, spec: MachineSpec, workdir: Path, *, nonce: str, expected_boots: int
     ) -> Machine:
-        """Put another machine in place before launch (for a :class:`StartPlan`): a restored
-        snapshot's, or the cold boot it falls back to (after a failed restore, whose QEMU
-        has ended). The nonce goes with the machine."""
+        """Put another machine in place (for a :class:`StartPlan`): a restored snapshot's, or
+        the cold boot it falls back to, also after a restore that failed and was stopped.
+        The nonce goes with the machine."""
         if self.machine.launched and self.machine.poll() is None:
-            raise RuntimeError("use_machine: the VM's QEMU is still running")
+            raise RuntimeError("use_machine: the VM's QEMU is running; stop it first")
         self.spec, self.nonce = spec, nonce
-        self.machine = Machine(spec, workdir, nonce=nonce, expected_boots=expected_boots)
+        self.machine = self._new_machine(spec, workdir, nonce, expected_boots)
         return self.machine
 
     def adopt(self, machine: Machine) -> None:
@@ -312,6 +490,133 @@ class Vm:
         if self.machine.launched:
             self.machine.console.recorder.nonce = nonce
 
+    def _new_machine(
+        self, spec: MachineSpec, workdir: Path, nonce: str, expected_boots: int
+    ) -> Machine:
+        # Through firmware, the console also tells the firmware's hand-over and GRUB's entry
+        # and errors: marks for the report and reasons for a failure.
+        watches = () if self.boot.path.direct else bootpaths.LOADER_MARKS
+        return Machine(
+            spec,
+            workdir,
+            nonce=nonce,
+            expected_boots=expected_boots,
+            failure_rows=self.verdict.failure_rows(markers=self.markers),
+            kernel_phases=not self.markers,
+            watches=watches,
+            warnings=self.kernel_warnings,
+            symbolise=self.symbolise,
+            stalls=self.stalls(spec),
+        )
+
+    def stalls(self, spec: MachineSpec) -> StallLimits:
+        """How stall reports of this guest are judged: its own thresholds, scaled by the
+        load factor its deadlines were scaled by (see :mod:`harness.vm.stalls`)."""
+        config = self.kernel.config if self.kernel is not None else {}
+        return StallLimits.for_boot(spec.cmdline, config, self.load_factor)
+
+    @property
+    def boot_entry(self) -> str:
+        """The title of the menu entry the boot loader booted ("" without a loader)."""
+        if not self.machine.launched:
+            return ""
+        mark = self.machine.console.recorder.mark("loader-entry")
+        return mark.detail if mark is not None else ""
+
+    def dimensions(self) -> Dimensions:
+        """What this VM boots, for reports: the declared dimensions (boot path, initramfs)
+        with what the VM itself knows: its kernel, its disks' controllers and layout, and the
+        kernel warnings its console has shown so far (those the warnings policy lists)."""
+        found = self.declared
+        if self.kernel is not None:
+            found = replace(
+                found,
+                kernel=self.kernel.name,
+                release=self.kernel.release,
+                kernel_commit=self.kernel.commit or found.kernel_commit,
+                kernel_config=self.kernel.config_digest or found.kernel_config,
+            )
+        # The boot disk's controller first (it is not among the test's own disks).
+        names = [] if self.boot.path.direct else [self.boot.controller]
+        if self.storage is not None:
+            names += [c.name for c in self.storage.plan.controllers]
+            found = replace(found, layout=self.storage.layout or found.layout)
+        if names:
+            found = replace(found, controller=joined(names))
+        return replace(found, kernel_warnings=tuple(self.warning_lines()))
+
+    def symbolise(self, text: str, offset: int) -> str:
+        """The trace of the fault at ``offset`` in console ``text``, symbolised against the
+        kernel's vmlinux (file:line, with debug info) or System.map; "" if nothing to add."""
+        if self.symboliser is None:
+            return ""
+        return self.symboliser.decode(trace_block(text, offset))
+
+    def warnings(self) -> list[Fault]:
+        """The kernel warnings seen so far that the policy lists (none before launch)."""
+        if not self.machine.launched:
+            return []
+        return self.machine.console.reported_warnings()
+
+    def warning_lines(self) -> list[str]:
+        """Each listed warning's console line without its time stamp: what reports show."""
+        return [warning_summary(fault) for fault in self.warnings()]
+
+    def unraised_failing_warnings(self) -> list[Fault]:
+        """Warnings the policy fails on that no wait has raised yet (printed after the last
+        wait on the console): the plugin fails the test on them when it ends."""
+        if not self.machine.launched:
+            return []
+        recorder = self.machine.console.recorder
+        failing = recorder.policy.failing(recorder.scanner.faults)
+        return [f for f in failing if f.offset not in recorder.raised]
+
+    def warning_fault(self, found: Sequence[Fault], *, phase: str) -> KernelFault:
+        """The KERNEL_FAULT for warnings the policy fails on, with the first one's evidence."""
+        first = found[0]
+        console = self.machine.console
+        console.recorder.raised.update(f.offset for f in found)
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        evidence = replace(
+            self.evidence(phase),
+            excerpt=first.excerpt,
+            trace=console.trace_of([first]),
+        )
+        return KernelFault(
+            f"kernel warning (kernel warnings policy: fail): {first.name}: "
+            f"{warning_summary(first)}{more}",
+            evidence,
+        )
+
+    def warnings_section(self) -> str:
+        """The warnings of this VM for a test's report: listed ones, and the allow-listed ones
+        with their reasons ("" when there are none)."""
+        if not self.machine.launched:
+            return ""
+        recorder = self.machine.console.recorder
+        lines = [f"{f.name}: {warning_summary(f)}" for f in self.warnings()]
+        lines += [
+            f"known ({entry.reason}): {warning_summary(f)}"
+            for f, entry in recorder.policy.known(recorder.scanner.faults)
+        ]
+        return "\n".join(lines)
+
+    def fault_traces(self) -> str:
+        """Every fault seen (warnings the policy lists included), each with its symbolised
+        trace when the kernel's files add something: for bundles and reports."""
+        if not self.machine.launched:
+            return ""
+        console = self.machine.console
+        blocks = []
+        listed = {id(f) for f in console.reported_warnings()}
+        for fault in console.recorder.scanner.faults:
+            if fault.severity.name == "WARNING" and id(fault) not in listed:
+                continue
+            trace = self.symbolise(console.recorder.text, fault.offset)
+            if trace:
+                blocks.append(f"{fault.name}: {warning_summary(fault)}\n{trace}")
+        return "\n\n".join(blocks)
+
     @property
     def console(self) -> Console:
         return self.machine.console
@@ -326,6 +631,12 @@ class Vm:
         if not self.machine.launched:
             return started
         return started + self.machine.console.recorder.marks
+
+    def elapsed(self) -> float | None:
+        """Seconds since this VM's QEMU started (the clock of its marks); None before."""
+        if not self.machine.launched:
+            return None
+        return time.monotonic() - self.machine.started
 
     def start(self) -> None:
         """Launch QEMU and let the guest run; wait for the kernel to start /init (or, with
@@ -347,11 +658,37 @@ class Vm:
         return self.start_plan.describe(self)
 
     def boot_cold(self) -> None:
-        """Launch QEMU from the firmware and wait for the kernel to start /init."""
+        """Launch QEMU from the firmware and wait for the kernel to start /init (the init's
+        INIT-START marker, or without markers the kernel's "Run /init as init process"); on
+        a path through firmware and a loader, drive the loader phase in between."""
+        if self.symboliser is not None:
+            self.symboliser.preload()
         self.machine.launch()
         self.machine.resume()
-        self._expect(re.compile(r"[\s\S]"), "firmware")
-        self.expect_marker("INIT-START", phase="kernel")
+        path = self.boot.path
+        handover = path.firmware_done or re.compile(r"[\s\S]")
+        seen = self._expect(
+            handover, "firmware", self.deadlines.of("firmware") * path.firmware_factor
+        )
+        if path.wrong_handover and path.wrong_handover in seen.group(0):
+            raise TestFailure(
+                f"the firmware found no boot loader on the disk and started {seen.group(0)!r}",
+                self.evidence("firmware"),
+            )
+        if path.loader:
+            try:
+                loader.run_loader(
+                    self.machine.console,
+                    self.boot.prompts(self.kernel.name if self.kernel is not None else ""),
+                    timeout=self.deadlines.of("loader"),
+                    evidence=self.evidence,
+                )
+            except ConsoleClosed:
+                raise self._closed_error("loader") from None
+        if self.markers:
+            self.expect_marker("INIT-START", phase="kernel")
+        else:
+            self._expect(INIT_START_REGEX, "kernel", awaited="the kernel starting the init")
 
     def expect_marker(
         self, *events: str, phase: str, timeout: float | None = None
@@ -369,8 +706,31 @@ class Vm:
         return event, detail
 
     def expect_pass(self) -> None:
-        """Wait for the init's success marker."""
-        self.expect_marker("PASS", phase="init")
+        """Wait for the init's success marker; without markers, for every ``expect`` pattern
+        in order (marks ``expect:1``, ``expect:2``..., then ``PASS``).
+
+        Raises:
+            ConfigError: a boot without markers and without expect patterns.
+            KernelFault, TestFailure, BootTimeout: see :func:`run`.
+        """
+        if self.markers:
+            self.expect_marker("PASS", phase="init")
+            return
+        patterns = self.verdict.expect_patterns
+        if not patterns:
+            raise ConfigError(
+                "this init prints no markers, so only expect patterns can say it succeeded: "
+                "give expect=[REGEX, ...] (CLI: --expect REGEX), the line(s) a good boot prints"
+            )
+        recorder = self.machine.console.recorder
+        for number, pattern in enumerate(patterns, start=1):
+            match = self._expect(pattern, "init", awaited=f"expect pattern {pattern.pattern!r}")
+            detail = match.group(0).strip()[:120]
+            recorder.marks.append(Mark(f"expect:{number}", self._now(), detail))
+        recorder.marks.append(Mark("PASS", self._now()))
+
+    def _now(self) -> float:
+        return time.monotonic() - self.machine.console.recorder.started
 
     def wait_shutdown(self) -> int | None:
         """Wait for the guest to power off; QEMU's exit status (never a verdict)."""
@@ -390,20 +750,25 @@ class Vm:
         self.machine.console.check_faults(phase, self.deadlines.of(phase))
 
     def _expect(
-        self, pattern: re.Pattern[str], phase: str, timeout: float | None = None
+        self,
+        pattern: re.Pattern[str],
+        phase: str,
+        timeout: float | None = None,
+        *,
+        awaited: str = "its marker",
     ) -> re.Match[str]:
         limit = self.deadlines.of(phase) if timeout is None else timeout
         try:
             return self.machine.console.expect(pattern, phase=phase, timeout=limit)
         except ConsoleClosed:
-            raise self._closed_error(phase) from None
+            raise self._closed_error(phase, awaited) from None
 
-    def _closed_error(self, phase: str) -> HarnessError:
+    def _closed_error(self, phase: str, awaited: str = "its marker") -> HarnessError:
         status = self.machine.wait(5.0)
         if status is None or status != 0:
             return self.machine.exited_error(f"exited during the {phase} phase")
         return TestFailure(
-            f"the guest stopped during the {phase} phase before its marker "
+            f"the guest stopped during the {phase} phase before {awaited} "
             "(QEMU exited 0: power-off or reset without a kernel fault)",
             self.evidence(phase),
         )
@@ -428,6 +793,26 @@ class Vm:
         if current is None or options:
             current = GuestShell(self, **options)
             self._guest_shell = current
+        return current
+
+    def login(
+        self,
+        user: str = "root",
+        *,
+        password: str | None = None,
+        passphrase: str | None = None,
+        timeout: float | None = None,
+    ) -> GuestShell:
+        """Log in on a real system's serial getty; the shell (see harness.vm.login.login).
+        ``passphrase`` defaults to :attr:`passphrase`. ``vm.shell()`` returns it afterwards."""
+        current = login.login(
+            self,
+            user=user,
+            password=password,
+            passphrase=self.passphrase if passphrase is None else passphrase,
+            timeout=timeout,
+        )
+        self._guest_shell = current
         return current
 
     @property
@@ -492,4 +877,7 @@ def run(
         qemu_version=qemu_version(vm.spec.qemu, cache_root=cache_root),
         error=error,
         start=vm.start_description(),
+        boot_path=vm.boot.path.name,
+        boot_entry=vm.boot_entry,
+        warnings=vm.warning_lines(),
     )

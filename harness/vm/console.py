@@ -17,22 +17,30 @@ import re
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import InitVar, dataclass, field
+from dataclasses import InitVar, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pexpect
 import pexpect.fdpexpect
 
-from harness.outcome import BootTimeout, Evidence, KernelFault
+from harness.outcome import BootTimeout, Evidence, KernelFault, TestFailure
 from harness.vm import faults
+from harness.vm.kernel_warnings import WarningPolicy, summary
+from harness.vm.patterns import LineWatcher
+from harness.vm.stalls import StallLimits
 
 log = logging.getLogger(__name__)
 
 MARKER_PREFIX = "[bootharness:"
 _BANNER = re.compile(r"Linux version \S+")
+# Terminal escapes firmware and boot loaders draw with (vt100 cursor moves and colours).
+ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-9;=?]*[A-Za-z]|[()][0-9A-Za-z])")
 # How long to keep reading after a fault so the excerpt holds the whole trace.
 FAULT_GRACE = 0.5
+# How long to keep reading after a failure pattern matched: a kernel fault that follows it
+# (the panic after "VFS: Unable to mount root fs") wins, and the evidence gets what follows.
+FAILURE_GRACE = 1.0
 _POLL = 0.05
 READ_SIZE = 65536
 
@@ -57,14 +65,22 @@ class ConsoleRecorder:
     started: float
     nonce: str
     expected_boots: InitVar[int] = 1
+    stalls: InitVar[StallLimits | None] = None  # the guest's stall thresholds, the host's load
+    policy: WarningPolicy = field(default_factory=WarningPolicy)
     marks: list[Mark] = field(default_factory=list)
+    # (mark name, pattern) looked for in each line before the first kernel banner, escapes
+    # removed: the firmware's and the boot loader's progress (harness.storage.bootpaths).
+    watches: tuple[tuple[str, re.Pattern[str]], ...] = ()
     scanner: faults.FaultScanner = field(init=False)
+    # Failure patterns and kernel phase marks, for inits without markers (harness.vm.patterns).
+    watcher: LineWatcher | None = None
     _chunks: list[str] = field(default_factory=list)
     _partial: str = ""
+    raised: set[int] = field(default_factory=set)  # offsets of faults already raised on
 
-    def __post_init__(self, expected_boots: int) -> None:
+    def __post_init__(self, expected_boots: int, stalls: StallLimits | None) -> None:
         # The scanner alone counts boots: a reset on purpose announces one more to it.
-        self.scanner = faults.FaultScanner(expected_boots=expected_boots)
+        self.scanner = faults.FaultScanner(expected_boots=expected_boots, stalls=stalls)
 
     def write(self, chunk: str) -> None:
         now = time.monotonic() - self.started
@@ -73,6 +89,10 @@ class ConsoleRecorder:
         self._chunks.append(chunk)
         for fault in self.scanner.feed(chunk):
             self.marks.append(Mark(f"fault:{fault.name}", now, fault.line.strip()[:120]))
+        if self.watcher is not None:
+            hits, phases = self.watcher.feed(chunk)
+            self.marks += [Mark(name, now, detail) for name, detail, _ in phases]
+            self.marks += [Mark(f"fail:{h.pattern.name}", now, h.line.strip()[:120]) for h in hits]
         lines = (self._partial + chunk).split("\n")
         self._partial = lines.pop()
         for line in lines:
@@ -82,12 +102,25 @@ class ConsoleRecorder:
         return
 
     def _note_line(self, line: str, now: float) -> None:
+        if self.watches and self.mark("kernel-banner") is None:
+            self._watch(ANSI_ESCAPE.sub("", line), now)
         if MARKER_PREFIX in line:
             marker = parse_marker(line, self.nonce)
             if marker is not None:
                 self.marks.append(Mark(marker[0], now, marker[1]))
         elif "Linux version" in line and _BANNER.search(line):
             self.marks.append(Mark("kernel-banner", now))
+
+    def _watch(self, line: str, now: float) -> None:
+        for name, pattern in self.watches:
+            match = pattern.search(line)
+            if match is None:
+                continue
+            detail = (match.groupdict().get("detail") or match.group(0)).strip()[:200]
+            # Two patterns may tell the same thing (GRUB's "Booting `x'" and our own echo).
+            if not any(m.name == name and m.detail == detail for m in self.marks):
+                self.marks.append(Mark(name, now, detail))
+            return
 
     @property
     def text(self) -> str:
@@ -102,8 +135,18 @@ class ConsoleRecorder:
         return next((m for m in self.marks if m.name == name), None)
 
     def serious_faults(self) -> list[faults.Fault]:
-        """Faults at error level or worse: these make a boot a KERNEL_FAULT."""
-        return [f for f in self.scanner.faults if f.severity >= faults.Severity.ERROR]
+        """Faults that make a boot a KERNEL_FAULT: errors and worse, and the warnings the
+        policy fails on (``--kernel-warnings fail``, not on the allowlist)."""
+        seen = self.scanner.faults
+        serious = [f for f in seen if f.severity >= faults.Severity.ERROR]
+        failing = self.policy.failing(seen)
+        if failing:
+            serious = sorted([*serious, *failing], key=lambda f: f.offset)
+        return serious
+
+    def reported_warnings(self) -> list[faults.Fault]:
+        """The kernel warnings to list on the test and in reports (the policy's choice)."""
+        return self.policy.reported(self.scanner.faults)
 
 
 def parse_marker(line: str, nonce: str) -> tuple[str, str] | None:
@@ -172,6 +215,7 @@ class Console:
         sink: int | None = None,
         external_fault: Callable[[], str | None] = lambda: None,
         evidence: Callable[[], Evidence] = Evidence,
+        symbolise: Callable[[str, int], str] = lambda text, offset: "",
     ) -> None:
         self._socket = source if isinstance(source, socket.socket) else None
         fd = source.fileno() if isinstance(source, socket.socket) else source
@@ -179,6 +223,8 @@ class Console:
         self.log_path = log_path
         self._external_fault = external_fault
         self._evidence = evidence
+        # (console text, offset of the fault's line) -> the symbolised trace, or "".
+        self._symbolise = symbolise
         # Reads take whatever has arrived (up to 64 KiB), with no pause after each: the
         # defaults (2000 bytes, then sleep 100 us) cost a wake-up per line of a boot log.
         self.child = ConsoleSpawn(
@@ -192,6 +238,20 @@ class Console:
         self.child.delaybeforesend = None  # pexpect sleeps 50 ms before each send by default
         self.child.delayafterread = None
         self.child.logfile_read = recorder
+        self._closed = False  # the console reached end of file
+
+    def reported_warnings(self) -> list[faults.Fault]:
+        """The kernel warnings the policy lists (every warning not on the allowlist)."""
+        return self.recorder.reported_warnings()
+
+    def take_recorder(
+        self, recorder: ConsoleRecorder, *, symbolise: Callable[[str, int], str]
+    ) -> None:
+        """Record into ``recorder`` from now on (a spare machine given to its VM, before
+        anything was read)."""
+        self.recorder = recorder
+        self.child.logfile_read = recorder
+        self._symbolise = symbolise
 
     @property
     def input_fd(self) -> int:
@@ -217,6 +277,7 @@ class Console:
         deadline = time.monotonic() + timeout
         while True:
             self.check_faults(phase, timeout)
+            self.check_failures(phase, timeout)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise BootTimeout(
@@ -228,9 +289,15 @@ class Console:
             except pexpect.TIMEOUT:
                 continue
             except pexpect.EOF:
+                self._closed = True
+                self.recorder.scanner.flush()
                 self.check_faults(phase, timeout)
+                if self.recorder.watcher is not None:
+                    self.recorder.watcher.flush()
+                self.check_failures(phase, timeout)
                 raise ConsoleClosed(phase) from None
             self.check_faults(phase, timeout)
+            self.check_failures(phase, timeout)
             match = self.child.match
             assert isinstance(match, re.Match)
             return match
@@ -255,20 +322,78 @@ class Console:
             return
         # Let the rest of the trace (or QEMU's exit after a panic) arrive before judging.
         self._read_rest_of_trace()
+        if not self.recorder.serious_faults() and external is None:
+            return  # a stall report the host's load explains (harness.vm.stalls): a warning
         self.recorder.scanner.flush()
         serious = self.recorder.serious_faults()
         text = self.recorder.text
+        trace = ""
         if serious:
             worst = max(serious, key=lambda f: f.severity)
-            summary = f"kernel fault: {worst.name}: {worst.line.strip()}"
-            snippet = faults.excerpt(text, worst.offset)
+            if worst.severity is faults.Severity.WARNING:
+                message = f"kernel warning (kernel warnings policy: fail): {worst.name}: "
+                message += summary(worst)
+                snippet = worst.excerpt or faults.excerpt(text, worst.offset)
+            else:
+                message = f"kernel fault: {worst.name}: {worst.line.strip()}"
+                snippet = faults.excerpt(text, worst.offset)
+            trace = self.trace_of(serious)
         else:
-            summary = f"kernel fault reported by QEMU: {external}"
+            message = f"kernel fault reported by QEMU: {external}"
             snippet = ""
         if external is not None and serious:
-            summary += f" (QEMU also reported {external})"
-        evidence = self._with(phase, timeout, excerpt=snippet)
-        raise KernelFault(summary, evidence)
+            message += f" (QEMU also reported {external})"
+        self.recorder.raised.update(f.offset for f in serious)
+        evidence = replace(self._with(phase, timeout, excerpt=snippet), trace=trace)
+        raise KernelFault(message, evidence)
+
+    def trace_of(self, found: list[faults.Fault]) -> str:
+        """The symbolised stack trace of the first of ``found`` that has one ("" when the
+        kernel's files add nothing).
+
+        The first fault of a kernel event carries the trace: a NULL dereference prints "BUG:
+        kernel NULL pointer dereference", "Oops", the trace, then "Kernel panic ... Fatal
+        exception", so the trace follows the first line, not the worst.
+        """
+        text = self.recorder.text
+        for fault in sorted(found, key=lambda f: f.offset)[:3]:
+            try:
+                trace = self._symbolise(text, fault.offset)
+            except (OSError, ValueError) as error:  # never hide the fault itself
+                log.warning("cannot symbolise the trace of %s: %s", fault.name, error)
+                return ""
+            if trace:
+                return trace
+        return ""
+
+    def check_failures(self, phase: str, timeout: float) -> None:
+        """Raise TestFailure if a failure pattern matched a console line (after a short
+        grace in which a kernel fault, which wins, may still arrive).
+
+        Raises:
+            KernelFault: a fault came during the grace.
+            TestFailure: with the matched line as the reason.
+        """
+        watcher = self.recorder.watcher
+        if watcher is None or not watcher.hits:
+            return
+        self._read_for(FAILURE_GRACE)
+        if self._closed:
+            self.recorder.scanner.flush()  # the last line, if unfinished, may be a fault
+        self.check_faults(phase, timeout)
+        hit = watcher.hits[0]
+        snippet = faults.excerpt(self.recorder.text, hit.offset)
+        raise TestFailure(hit.reason, self._with(phase, timeout, excerpt=snippet))
+
+    def _read_for(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._closed and (remaining := deadline - time.monotonic()) > 0:
+            try:
+                self.child.read_nonblocking(65536, timeout=min(_POLL, remaining))
+            except pexpect.TIMEOUT:
+                continue
+            except pexpect.EOF:
+                self._closed = True
 
     def _read_rest_of_trace(self) -> None:
         deadline = time.monotonic() + FAULT_GRACE

@@ -13,8 +13,9 @@ from dataclasses import dataclass, replace
 class Deadlines:
     """Seconds each phase may take before the boot is a BOOT_TIMEOUT."""
 
-    firmware: float = 15.0  # QEMU started -> first console byte
-    kernel: float = 60.0  # first byte -> /init started
+    firmware: float = 15.0  # QEMU started -> first console byte (or the firmware's hand-over)
+    loader: float = 90.0  # hand-over -> kernel banner: GRUB or the EFI shell loading the kernel
+    kernel: float = 60.0  # first byte (or kernel banner) -> /init started
     init: float = 60.0  # /init started -> success or failure marker
     shutdown: float = 20.0  # success -> QEMU exited (when the init powers off)
     command: float = 30.0  # one guest command

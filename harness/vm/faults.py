@@ -25,6 +25,8 @@ import logging
 import re
 from dataclasses import dataclass, replace
 
+from harness.vm.stalls import STALL_FAULTS, StallLimits, judge
+
 log = logging.getLogger(__name__)
 
 
@@ -59,6 +61,7 @@ class Fault:
     line: str
     offset: int
     excerpt: str
+    note: str = ""  # why a report was judged milder than its row (harness.vm.stalls)
 
 
 # Order matters: the first matching row names the line (see the module docstring).
@@ -75,14 +78,18 @@ PATTERNS: tuple[FaultPattern, ...] = (
     FaultPattern(
         "hard-lockup", Severity.ERROR, r"(?:NMI )?watchdog: Watchdog detected hard LOCKUP"
     ),
+    # Warnings: the kernel goes on after them; the warnings policy decides what they do
+    # (harness.vm.kernel_warnings). Stalls and hung tasks are warnings: under heavy host load
+    # a guest can stall without any kernel bug, and the policy can still fail on them.
     FaultPattern(
         "rcu-stall",
-        Severity.ERROR,
+        Severity.WARNING,
         r"(?:rcu: )?INFO: rcu_\w+ (?:self-)?detected (?:expedited )?stalls?\b",
     ),
     FaultPattern(
-        "hung-task", Severity.ERROR, r"INFO: task .+:\d+ blocked for more than \d+ seconds"
+        "hung-task", Severity.WARNING, r"INFO: task .+:\d+ blocked for more than \d+ seconds"
     ),
+    FaultPattern("might-sleep", Severity.WARNING, r"BUG: sleeping function called from invalid"),
     FaultPattern("bug", Severity.ERROR, r"BUG: "),
     FaultPattern("kernel-bug", Severity.ERROR, r"kernel BUG at "),
     # Since 6.10 x86 prefixes its die messages with "Oops: ".
@@ -94,6 +101,12 @@ PATTERNS: tuple[FaultPattern, ...] = (
         "oops",
         Severity.ERROR,
         r"(?:Internal error: )?Oops\b|[a-z][a-z ]*: [0-9a-f]{4} \[#\d+\]",
+    ),
+    FaultPattern(
+        "lockdep",
+        Severity.WARNING,
+        r"WARNING: (?:possible (?:circular|recursive) locking|inconsistent lock state|"
+        r"suspicious RCU usage|bad unlock balance|lock held when returning|possible irq lock)",
     ),
     FaultPattern("warning", Severity.WARNING, r"WARNING: "),
 )
@@ -248,7 +261,7 @@ class FaultScanner:
         ValueError: ``expected_boots`` is negative.
     """
 
-    def __init__(self, expected_boots: int = 1) -> None:
+    def __init__(self, expected_boots: int = 1, stalls: StallLimits | None = None) -> None:
         if expected_boots < 0:
             raise ValueError(
                 f"FaultScanner: expected_boots={expected_boots} must be 0 or more "
@@ -264,6 +277,10 @@ class FaultScanner:
         self._line_index: list[int] = []
         self._open: set[int] = set()
         self._flushed = False
+        # Stall reports wait for their duration (a later line, for RCU) before they are
+        # judged against the host's load (harness.vm.stalls).
+        self.stalls = stalls or StallLimits()
+        self._unjudged: set[int] = set()
 
     @property
     def faults(self) -> list[Fault]:
@@ -323,6 +340,8 @@ class FaultScanner:
             last_line = line_index
             self._line_index.append(line_index)
             self._open.add(len(self._faults))
+            if fault.name in STALL_FAULTS:
+                self._unjudged.add(len(self._faults))
             self._faults.append(fault)
             found.append(fault)
         if found:
@@ -346,6 +365,13 @@ class FaultScanner:
         return Fault(name, severity, line, self._offsets[line_index], excerpt="")
 
     def _refresh_excerpts(self, final: bool = False) -> None:
+        for number in sorted(self._unjudged):
+            fault = self._faults[number]
+            verdict = judge(fault.name, self._lines, self._line_index[number], self.stalls)
+            if verdict.host_load:
+                self._faults[number] = replace(fault, severity=Severity.WARNING, note=verdict.note)
+            if verdict.settled or final:
+                self._unjudged.discard(number)
         for number in sorted(self._open):
             fault = self._faults[number]
             first, last, settled = _excerpt_bounds(
@@ -358,16 +384,17 @@ class FaultScanner:
                 self._open.discard(number)
 
 
-def classify(text: str, expected_boots: int = 1) -> list[Fault]:
+def classify(text: str, expected_boots: int = 1, stalls: StallLimits | None = None) -> list[Fault]:
     """All faults in a whole console text, in console order.
 
     ``expected_boots`` is the number of ``Linux version`` banners that are not an
-    unexpected reboot (see :class:`FaultScanner`).
+    unexpected reboot (see :class:`FaultScanner`); ``stalls`` the guest's stall thresholds
+    and the host's load factor (default: an idle host, every stall report counts).
 
     Raises:
         ValueError: ``expected_boots`` is negative.
     """
-    scanner = FaultScanner(expected_boots=expected_boots)
+    scanner = FaultScanner(expected_boots=expected_boots, stalls=stalls)
     scanner.feed(text)
     scanner.flush()
     return scanner.faults

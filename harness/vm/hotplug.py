@@ -9,6 +9,11 @@ and waits for DEVICE_DELETED. A PCI device is released only when the guest answe
 eject request, so the wait has a deadline and names the device when it passes; then the
 block node is deleted.
 
+The image reaches QEMU as a descriptor the harness opened (QMP ``add-fd``; the node's file is
+``/dev/fdset/N``): a sandboxed QEMU runs as an unprivileged user by then and may not open
+paths in the harness's private folders (see :mod:`harness.vm.sandbox`). So an image must be a
+single file: a qcow2 whose backing file QEMU would open by name cannot be hotplugged that way.
+
 Whether the guest *saw* the change is the test's business: check ``/sys/block`` and ``/dev``
 through :class:`harness.vm.shell.GuestShell` (the kernel's uevents reach ``mdev``).
 """
@@ -16,6 +21,7 @@ through :class:`harness.vm.shell.GuestShell` (the kernel's uevents reach ``mdev`
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +43,7 @@ class PluggedDisk:
     node_name: str
     image: Path
     driver: str
+    fdset: int | None = None  # QEMU's fd set holding our descriptor of the image
 
 
 def add_disk(
@@ -63,13 +70,22 @@ def add_disk(
     if not image.is_file():
         raise FileNotFoundError(f"hotplug image {image} does not exist; create it first")
     node = f"{device_id}-node"
-    qmp.command(
-        "blockdev-add",
-        driver=image_format,
-        node_name=node,
-        read_only=read_only,
-        file={"driver": "file", "filename": str(image)},
-    )
+    fd = os.open(image, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+    try:
+        fdset = int(qmp.command_with_fd(fd, "add-fd", opaque=device_id)["fdset-id"])
+    finally:
+        os.close(fd)  # QEMU holds its own copy now
+    try:
+        qmp.command(
+            "blockdev-add",
+            driver=image_format,
+            node_name=node,
+            read_only=read_only,
+            file={"driver": "file", "filename": f"/dev/fdset/{fdset}"},
+        )
+    except QmpError:
+        qmp.command("remove-fd", fdset_id=fdset)
+        raise
     arguments: dict[str, Any] = {"driver": driver, "id": device_id, "drive": node}
     if bus is not None:
         arguments["bus"] = bus
@@ -78,9 +94,10 @@ def add_disk(
         qmp.command("device_add", **arguments)
     except QmpError:
         qmp.command("blockdev-del", node_name=node)
+        qmp.command("remove-fd", fdset_id=fdset)
         raise
     log.info("hotplugged %s (%s) from %s", device_id, driver, image)
-    return PluggedDisk(device_id, node, image, driver)
+    return PluggedDisk(device_id, node, image, driver, fdset)
 
 
 def remove_device(qmp: Qmp, device_id: str, *, timeout: float = DEFAULT_TIMEOUT) -> QmpEvent:
@@ -109,6 +126,8 @@ def remove_disk(qmp: Qmp, disk: PluggedDisk, *, timeout: float = DEFAULT_TIMEOUT
     """
     event = remove_device(qmp, disk.device_id, timeout=timeout)
     qmp.command("blockdev-del", node_name=disk.node_name)
+    if disk.fdset is not None:
+        qmp.command("remove-fd", fdset_id=disk.fdset)
     return event
 
 

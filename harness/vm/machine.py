@@ -15,39 +15,47 @@ loaded machine measured ~1 s per 24 KB of kernel log, ~28% of a boot) while QEMU
 
 No QEMU may outlive the harness: QEMU runs in a session (process group) of its own, gets
 SIGKILL from the kernel when the harness dies (``PR_SET_PDEATHSIG``, even on SIGKILL of
-pytest), and :meth:`Machine.stop` escalates QMP quit -> SIGTERM -> SIGKILL, each bounded.
-The death signal is set by util-linux's ``setpriv --pdeathsig`` exec'ing QEMU: a Python
-``preexec_fn`` would do it too, but it forces a real ``fork`` of the harness process (a
-pytest worker: ~45 ms for 150 MB under load, against ~3 ms for the ``vfork`` Python uses
-otherwise). Without setpriv, the ``preexec_fn`` it is.
+pytest), is adopted by the lifeline reaper (:mod:`harness.lifeline`: the kernel forgets the
+death signal when QEMU drops to another user), and :meth:`Machine.stop` escalates QMP quit
+-> SIGTERM -> SIGKILL, each bounded. The death signal is set by util-linux's ``setpriv
+--pdeathsig`` exec'ing QEMU: a Python ``preexec_fn`` would do it too, but it forces a real
+``fork`` of the harness process (a pytest worker: ~45 ms for 150 MB under load, against ~3
+ms for the ``vfork`` Python uses otherwise). Without setpriv, the ``preexec_fn`` it is.
+
+QEMU confines itself (:mod:`harness.vm.sandbox`): seccomp on, and an unprivileged user when
+the harness runs as root.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import fcntl
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import tools
+from harness import lifeline, tools
 from harness.outcome import Evidence, InfraError
 from harness.vm.console import Console, ConsoleRecorder
+from harness.vm.kernel_warnings import WarningPolicy
+from harness.vm.patterns import FailurePattern, LineWatcher
 from harness.vm.qmp import Qmp, QmpError
+from harness.vm.sandbox import DEFAULT as DEFAULT_SANDBOX
+from harness.vm.sandbox import Sandbox, describe_exit
+from harness.vm.stalls import StallLimits
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 QMP_CONNECT_TIMEOUT = 10.0
 QUIT_GRACE = 2.0
 TERM_GRACE = 2.0
@@ -60,7 +68,7 @@ CONSOLE_PIPE_BYTES = 1 << 20
 class MachineSpec:
     """What to boot and on which virtual hardware. Pure data; :meth:`argv` renders it."""
 
-    kernel: Path
+    kernel: Path | None  # None: the firmware boots from a disk (harness.storage.bootpaths)
     initrd: Path | None = None
     cmdline: str = ""
     accel: str = "tcg"
@@ -73,6 +81,7 @@ class MachineSpec:
     devices: Sequence[str] = ()  # -device arguments
     extra_args: Sequence[str] = ()  # anything else, appended verbatim
     qemu: str = "qemu-system-x86_64"
+    sandbox: Sandbox = DEFAULT_SANDBOX  # seccomp, and whom QEMU runs as
 
     def argv(self, *, qmp_fd: int, console_log: Path) -> list[str]:
         """The full QEMU command line, with the QMP descriptor given; the serial console is
@@ -97,6 +106,7 @@ class MachineSpec:
         ]
         if self.nodefaults:
             argv.append("-nodefaults")
+        argv += self.sandbox.args(self.qemu)
         argv += [
             "-chardev",
             f"socket,id=qmp0,fd={qmp_fd}",
@@ -113,26 +123,22 @@ class MachineSpec:
             argv += ["-nic", "user,model=virtio-net-pci"]
         elif not self.nodefaults:
             argv += ["-nic", "none"]
-        argv += ["-kernel", str(self.kernel)]
-        if self.initrd is not None:
-            argv += ["-initrd", str(self.initrd)]
-        if self.cmdline:
-            argv += ["-append", self.cmdline]
+        if self.kernel is not None:
+            argv += ["-kernel", str(self.kernel)]
+            if self.initrd is not None:
+                argv += ["-initrd", str(self.initrd)]
+            if self.cmdline:
+                argv += ["-append", self.cmdline]
         for device in self.devices:
             argv += ["-device", device]
         argv += list(self.extra_args)
         return argv
 
 
-def _die_with_parent(parent: int) -> None:
-    """Runs in the child before exec: SIGKILL QEMU when the harness process dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
 _LIVE: weakref.WeakSet[Machine] = weakref.WeakSet()
+
+
+DEFAULT_POLICY = WarningPolicy()
 
 
 @atexit.register
@@ -147,11 +153,32 @@ class Machine:
     A context manager: every exit path ends QEMU (QMP quit, then SIGTERM, then SIGKILL).
     """
 
-    def __init__(self, spec: MachineSpec, workdir: Path, *, nonce: str, expected_boots: int = 1):
+    def __init__(
+        self,
+        spec: MachineSpec,
+        workdir: Path,
+        *,
+        nonce: str,
+        expected_boots: int = 1,
+        failure_rows: Sequence[FailurePattern] = (),
+        kernel_phases: bool = False,
+        watches: tuple[tuple[str, re.Pattern[str]], ...] = (),
+        warnings: WarningPolicy = DEFAULT_POLICY,
+        symbolise: Callable[[str, int], str] = lambda text, offset: "",
+        stalls: StallLimits | None = None,
+    ):
         self.spec = spec
         self.workdir = workdir
         self.nonce = nonce
         self.expected_boots = expected_boots
+        # Console verdicts for inits without markers (harness.vm.patterns): the failure rows
+        # to watch for, and whether the kernel's own messages mark the phases.
+        self.failure_rows = tuple(failure_rows)
+        self.kernel_phases = kernel_phases
+        self.watches = watches  # console patterns of the firmware and loader to mark
+        self.warnings = warnings  # what kernel warnings do to the boot
+        self.symbolise = symbolise  # (console text, fault offset) -> symbolised trace
+        self.stalls = stalls  # how the console judges stall reports (harness.vm.stalls)
         self.argv: list[str] = []
         self.started = 0.0
         self.process: subprocess.Popen[bytes] | None = None
@@ -199,11 +226,13 @@ class Machine:
         if self._console is not None:
             self._console.recorder.scanner.expected_boots += 1
 
-    def hand_over(self, workdir: Path, *, nonce: str, expected_boots: int) -> None:
+    def hand_over(self, workdir: Path, like: Machine) -> None:
         """Give a launched, still paused machine (a spare started ahead of need) to the VM
         that will run it: its folder moves to ``workdir`` (which must not exist, or be an
-        empty folder, on the same file system; QEMU's open files move along), its console
-        now expects ``nonce`` and ``expected_boots`` banners, and its clock restarts now.
+        empty folder, on the same file system; QEMU's open files move along) and it takes
+        the console settings of ``like``, the machine the VM made for itself (its nonce,
+        expected banners, verdict rows, warnings policy, stall limits); its clock restarts.
+        Nothing has been read from the console yet, so its recorder is simply made anew.
 
         Raises:
             OSError: the folder cannot be moved there.
@@ -215,12 +244,27 @@ class Machine:
         self.workdir = workdir
         self.argv = [arg.replace(old, str(workdir)) for arg in self.argv]
         (workdir / "qemu.argv").write_text("\n".join(self.argv) + "\n")
-        self.nonce, self.expected_boots = nonce, expected_boots
+        self.nonce, self.expected_boots = like.nonce, like.expected_boots
+        self.failure_rows, self.kernel_phases = like.failure_rows, like.kernel_phases
+        self.watches, self.warnings = like.watches, like.warnings
+        self.symbolise, self.stalls = like.symbolise, like.stalls
         self.started = time.monotonic()
+        self._console.take_recorder(self._new_recorder(), symbolise=self.symbolise)
         self._console.log_path = self.console_log
-        recorder = self._console.recorder
-        recorder.nonce, recorder.started = nonce, self.started
-        recorder.scanner.expected_boots = expected_boots
+
+    def _new_recorder(self) -> ConsoleRecorder:
+        watcher = None
+        if self.failure_rows or self.kernel_phases:
+            watcher = LineWatcher(self.failure_rows, phases=self.kernel_phases)
+        return ConsoleRecorder(
+            self.started,
+            self.nonce,
+            self.expected_boots,
+            self.stalls,
+            watcher=watcher,
+            watches=self.watches,
+            policy=self.warnings,
+        )
 
     def launch(self) -> None:
         """Start QEMU paused and connect QMP and the console; the guest does not run yet.
@@ -252,7 +296,6 @@ class Machine:
         argv = self.spec.argv(qmp_fd=qmp_theirs.fileno(), console_log=self.console_log)
         argv[0] = qemu
         self.argv = argv
-        parent = os.getpid()
         setpriv = shutil.which("setpriv")
         prefix = [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
         log.info("starting %s", " ".join(argv))
@@ -266,7 +309,7 @@ class Machine:
                     stderr=stderr,
                     pass_fds=(qmp_theirs.fileno(),),
                     start_new_session=True,
-                    preexec_fn=None if prefix else lambda: _die_with_parent(parent),
+                    preexec_fn=None if prefix else lifeline.die_with_parent(),
                     cwd=self.workdir,
                 )
             except BaseException:
@@ -277,17 +320,18 @@ class Machine:
                 qmp_theirs.close()
                 os.close(input_theirs)
                 os.close(output_theirs)
+        lifeline.adopt(self.process.pid)
         _LIVE.add(self)
         (self.workdir / "qemu.pid").write_text(f"{self.process.pid}\n")
         (self.workdir / "qemu.argv").write_text("\n".join(argv) + "\n")
-        recorder = ConsoleRecorder(self.started, self.nonce, self.expected_boots)
         self._console = Console(
             output_ours,
-            recorder,
+            self._new_recorder(),
             sink=input_ours,
             log_path=self.console_log,
             external_fault=self._qmp_panic,
             evidence=self.evidence,
+            symbolise=self.symbolise,
         )
         self._qmp_socket = qmp_ours
 
@@ -368,6 +412,9 @@ class Machine:
         status = self.poll()
         stderr = self.stderr_text().strip()
         last = stderr.splitlines()[-1] if stderr else "(no message on stderr)"
+        explained = describe_exit(status)
+        if explained:
+            last = f"{explained}; {last}"
         return InfraError(f"QEMU {what} (exit status {status}): {last}", self.evidence())
 
     def stop(self) -> int | None:
@@ -397,6 +444,8 @@ class Machine:
         if self.process.poll() is None:
             self._signal_group(signal.SIGKILL)
         self.exit_status = self.wait(KILL_GRACE)
+        if self.exit_status is not None:
+            lifeline.release(self.process.pid)
         if self._qmp is not None:
             self._qmp.close()
         if self._qmp_socket is not None:  # spawned, never connected

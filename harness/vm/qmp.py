@@ -138,14 +138,22 @@ class Qmp:
         Raises:
             QmpError: QEMU answered with an error, the connection broke, or no answer came.
         """
+        return self._execute(name, arguments, timeout, None)
+
+    def _execute(self, name: str, arguments: dict[str, Any], timeout: float, fd: int | None) -> Any:
         ident = str(next(self._ids))
         request: dict[str, Any] = {"execute": name, "id": ident}
         args = {key.replace("_", "-"): value for key, value in arguments.items()}
         if args:
             request["arguments"] = args
+        data = json.dumps(request).encode() + b"\n"
         try:
             with self._send_lock:
-                self._socket.sendall(json.dumps(request).encode() + b"\n")
+                if fd is None:
+                    self._socket.sendall(data)
+                else:  # QEMU ties the descriptor to the command it arrives with
+                    sent = socket.send_fds(self._socket, [data], [fd])
+                    self._socket.sendall(data[sent:])
         except OSError as error:
             raise QmpError(f"QMP {name} failed: {error}") from error
         with self._lock:
@@ -162,6 +170,20 @@ class Qmp:
             refusal = reply["error"]
             raise QmpError(f"QMP {name} failed: {refusal.get('desc', refusal)}")
         return reply.get("return")
+
+    def command_with_fd(
+        self, fd: int, name: str, *, timeout: float = 10.0, **arguments: Any
+    ) -> Any:
+        """Execute ``name`` with the open file ``fd`` passed along (SCM_RIGHTS): ``getfd``
+        and ``add-fd`` take the descriptor that arrives with them. Our copy stays open.
+
+        QEMU in its sandbox may neither open files after it dropped privileges nor run
+        ``exec:`` helpers; a descriptor we opened is how it reaches a file then.
+
+        Raises:
+            QmpError: as :meth:`command`.
+        """
+        return self._execute(name, arguments, timeout, fd)
 
     @property
     def events(self) -> list[QmpEvent]:

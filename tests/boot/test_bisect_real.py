@@ -271,6 +271,16 @@ def test_bisect_over_debian_releases_finds_the_release_within_the_bound(
     assert code == 0, output
     assert f"first bad:   {first_bad}" in output
     assert f"last good:   {kernels[index - 1].name}" in output
+    # The summary table: every candidate once, in order, the answer marked.
+    names = [k.name for k in kernels]
+    rows = {
+        words[0]: line
+        for line in output.splitlines()
+        if (words := line.split())[:1] and words[0] in names
+    }
+    assert list(rows) == names, output
+    assert rows[first_bad].endswith("<- first bad")
+    assert rows[names[index - 1]].endswith("<- last good")
     log_line = re.search(r"^failing log: (.+)$", output, re.MULTILINE)
     assert log_line is not None, output
     console = Path(log_line.group(1)).read_text()

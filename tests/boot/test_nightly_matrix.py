@@ -79,6 +79,22 @@ def test_root_switch(boot, kernel, controller, template, request):
     )
     vm.expect_pass()
     vm.wait_shutdown()
+
+
+# A second test in the failing cell only: named to sort before the failure, which the page
+# must still list first.
+@pytest.mark.kernels(FORCED[0])
+@pytest.mark.controllers(FORCED[1])
+def test_a_boot_that_passes(boot, kernel, controller, template, root_image):
+    khz = _tsc_khz()
+    vm = boot(
+        template,
+        disks=[Disk(root_image, controller)],
+        variables={{"root": root_image.root()}},
+        cmdline=f"tsc_early_khz={{khz}}" if khz else "",
+    )
+    vm.expect_pass()
+    vm.wait_shutdown()
 """
 
 
@@ -96,7 +112,11 @@ class Run:
     def test(self, kernel: str, controller: str) -> dict[str, object]:
         tests = self.results["tests"]
         assert isinstance(tests, list)
-        return next(t for t in tests if (t["kernel"], t["controller"]) == (kernel, controller))
+        return next(
+            t
+            for t in tests
+            if (t["kernel"], t["controller"], t["test"]) == (kernel, controller, "test_root_switch")
+        )
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +159,7 @@ def test_nightly_run_writes_junit_json_and_html(nightly: Run) -> None:
     props = {
         c.get("name"): {p.get("name"): p.get("value") for p in c.iter("property")} for c in cases
     }
-    assert len(props) == len(KERNELS) * len(CONTROLLERS), output
+    assert len(props) == len(KERNELS) * len(CONTROLLERS) + 1, output  # + the second test
     catalogue = load_catalogue(REPO / "kernels.toml")
     releases = {
         k: provision(catalogue.get(k), cache_root(), progress=False).release for k in KERNELS
@@ -165,7 +185,7 @@ def test_nightly_run_writes_junit_json_and_html(nightly: Run) -> None:
                 span = float(got["time_PASS"]) - float(got["time_INIT-START"])
                 assert abs(float(got["phase_init"]) - span) < 0.01, got
     results = nightly.results
-    assert results["summary"] == {"PASS": 11, "KERNEL_FAULT": 1}
+    assert results["summary"] == {"PASS": 12, "KERNEL_FAULT": 1}
     failed = nightly.test(*FORCED)
     assert "sysrq triggered crash" in str(failed["excerpt"])
     assert (nightly.out / str(failed["log"])).is_file()
@@ -173,11 +193,13 @@ def test_nightly_run_writes_junit_json_and_html(nightly: Run) -> None:
 
 
 class _Dom(HTMLParser):
-    """Cells of the matrix table and the log links inside them, from chromium's DOM dump."""
+    """Cells of the matrix table, their entries in the order shown, and the log links inside
+    them, from chromium's DOM dump."""
 
     def __init__(self) -> None:
         super().__init__()
         self.cells: list[dict[str, str]] = []
+        self.entries: list[tuple[int, dict[str, str]]] = []  # (cell index, attributes)
         self._cell: dict[str, str] | None = None
         self._in_commands = False
 
@@ -186,6 +208,8 @@ class _Dom(HTMLParser):
         if tag == "td" and "cell" in found.get("class", "").split():
             self._cell = found
             self.cells.append(found)
+        elif tag == "div" and self._cell is not None and "entry" in found.get("class", ""):
+            self.entries.append((len(self.cells) - 1, found))
         elif tag == "a" and self._cell is not None and "log" in found.get("class", ""):
             self._cell.setdefault("log", found["href"])
         self._in_commands = self._cell is not None and "commands" in found.get("class", "")
@@ -229,9 +253,7 @@ def test_html_report_in_a_headless_browser_shows_the_failing_cell_and_its_log(
     dom.feed(_chromium_dom(report.as_uri(), tmp_path / "profile"))
     assert len(dom.cells) == len(KERNELS) * len(CONTROLLERS)
     failing = [c for c in dom.cells if "fail" in c["class"].split()]
-    assert [(c["data-kernel"], c["data-column"]) for c in failing] == [
-        (FORCED[0], f"{FORCED[1]}/init.sh")
-    ]
+    assert [(c["data-kernel"], c["data-column"]) for c in failing] == [(FORCED[0], FORCED[1])]
     assert failing[0]["data-outcome"] == "KERNEL_FAULT"
     link = failing[0]["log"]
     assert not link.startswith(("/", "file:", "http")), link  # relative: the folder moves
@@ -245,6 +267,19 @@ def test_html_report_in_a_headless_browser_shows_the_failing_cell_and_its_log(
     assert shlex.split(replay) == ["bootharness", "replay", str(failed["bundle"])]
     assert shlex.split(rerun)[:2] == ["pytest", failed["nodeid"]]
     assert all("commands" not in c for c in dom.cells if c is not failing[0])
+    # Each entry's label carries its parameters (its id without the kernel, which the row
+    # says); inside a cell failures come first, even before a test whose name sorts first.
+    assert len(dom.entries) == len(KERNELS) * len(CONTROLLERS) + 1
+    for index, entry in dom.entries:
+        cell = dom.cells[index]
+        test, params = entry["data-nodeid"].split("::")[1][:-1].split("[")
+        assert params == f"{cell['data-kernel']}-{cell['data-column']}-init.sh"
+        assert entry["data-label"] == f"{test}[{cell['data-column']}-init.sh]"
+    forced = dom.cells.index(failing[0])
+    shown = [
+        (e["data-outcome"], e["data-label"].split("[")[0]) for i, e in dom.entries if i == forced
+    ]
+    assert shown == [("KERNEL_FAULT", "test_root_switch"), ("PASS", "test_a_boot_that_passes")]
 
 
 def test_replayed_bundle_reproduces_the_original_outcome(nightly: Run, tmp_path: Path) -> None:

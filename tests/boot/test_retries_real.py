@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 FAKE_QEMU = """#!/bin/sh
 count="$(dirname "$0")/starts"
 n=$(cat "$count" 2>/dev/null || echo 0)
-case "$*" in *--version*) exec qemu-system-x86_64 "$@" ;; esac
+case "$*" in *--version*|-help) exec qemu-system-x86_64 "$@" ;; esac
 echo $((n + 1)) > "$count"
 if [ "$n" = 0 ]; then echo "injected: cannot allocate guest RAM" >&2; exit 1; fi
 exec qemu-system-x86_64 "$@"

@@ -257,20 +257,26 @@ def copy_snapshot(made: Made, root: Path) -> Path:
     return target
 
 
-def test_truncated_snapshot_is_detected_and_the_test_boots_cold(
-    made: Made, kernel: Kernel, tmp_path: Path
+@pytest.mark.parametrize("saved", [snapshot_store.STATE_FILE, snapshot_store.RAM_FILE])
+def test_truncated_snapshot_file_is_detected_and_made_again_and_the_test_passes(
+    made: Made, kernel: Kernel, tmp_path: Path, saved: str
 ) -> None:
+    if saved == snapshot_store.RAM_FILE and made.snapshot.mechanism != "shared-ram":
+        pytest.skip("the stream mechanism keeps no RAM file")
     root = tmp_path / "cache"
     entry = copy_snapshot(made, root)
-    state = entry / snapshot_store.STATE_FILE
-    with state.open("r+b") as handle:
-        handle.truncate(state.stat().st_size - 4096)
-    with private_vm(kernel, root, tmp_path / "vm", ["true"]) as vm:
-        with pytest.warns(snapshot_errors.SnapshotWarning, match="truncated"):
+    file = entry / saved
+    old_identity = (entry / snapshot_store.MANIFEST).stat().st_ino
+    with file.open("r+b") as handle:
+        handle.truncate(file.stat().st_size - 4096)
+    with private_vm(kernel, root, tmp_path / "vm", ["echo remade"]) as vm:
+        with pytest.warns(snapshot_errors.SnapshotWarning, match="truncated.*made again"):
             vm.start()
         vm.expect_pass()
-    assert vm.boot_mechanism == "cold" and vm.machine.console.recorder.mark("kernel-banner")
-    assert not entry.exists(), "a corrupt snapshot is discarded"
+    assert vm.boot_mechanism == made.snapshot.mechanism, "restored from the new snapshot"
+    assert vm.start_plan.created and vm.machine.console.recorder.mark("kernel-banner") is None
+    assert (entry / snapshot_store.MANIFEST).stat().st_ino != old_identity
+    assert snapshot_store.load(entry).path == entry, "the new snapshot passes every check"
 
 
 def test_snapshot_that_fails_to_restore_is_discarded_and_the_test_boots_cold(

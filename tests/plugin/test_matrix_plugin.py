@@ -165,4 +165,24 @@ def test_records_from_xdist_workers_reach_the_json_and_html(
     failed = next(t for t in data["tests"] if t["outcome"] != "PASS")
     assert failed["excerpt"] == "Kernel panic - x"
     page = (pytester.path / "out" / "report.html").read_text()
-    assert 'data-kernel="k-b" data-column="nvme/" data-outcome="KERNEL_FAULT"' in page
+    assert 'data-kernel="k-b" data-column="nvme" data-outcome="KERNEL_FAULT"' in page
+
+
+def test_report_columns_option_and_ini_choose_the_dimension(
+    pytester: pytest.Pytester, catalogue: str
+) -> None:
+    pytester.makepyfile("def test_cell(kernel, controller):\n    pass\n")
+    args = [catalogue, "--kernel=tag:nightly", "--controller=ahci,nvme"]
+    result = pytester.runpytest(*args, "--bootharness-html=r.html")
+    result.assert_outcomes(passed=4)
+    assert 'data-columns="controller"' in (pytester.path / "r.html").read_text()
+    result = pytester.runpytest(
+        *args, "--bootharness-html=r.html", "--bootharness-columns=boot_path"
+    )
+    result.assert_outcomes(passed=4)
+    page = (pytester.path / "r.html").read_text()
+    assert 'data-columns="boot_path"' in page and '<th data-column="pvh">pvh</th>' in page
+    pytester.makeini("[pytest]\nbootharness_columns = colour\n")
+    result = pytester.runpytest(*args, "--bootharness-html=r.html")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*bootharness_columns = 'colour': use one of controller*"])

@@ -127,7 +127,7 @@ def test_github_report_job_merges_every_kernel_into_one_page_with_history(tmp_pa
     page = tmp_path / published[0]
     assert page.suffix == ".html"
     text = page.read_text()
-    assert 'data-kernel="k2" data-column="nvme/init.sh" data-outcome="KERNEL_FAULT"' in text
+    assert 'data-kernel="k2" data-column="nvme" data-outcome="KERNEL_FAULT"' in text
     assert "new tonight (passed 2025-06-01 02:30 UTC [run-1.json])" in text
     assert "bootharness replay k2/bundles/" in text
     logs = tmp_path / published[1]
@@ -151,6 +151,6 @@ def test_gitlab_report_job_merges_the_kernel_jobs_artifacts(tmp_path: Path) -> N
         done = _shell(line, tmp_path, CI_PIPELINE_IID="12")
         assert done.returncode == 0, done.stderr
     text = (tmp_path / report["artifacts"]["paths"][0] / "index.html").read_text()
-    assert 'data-kernel="k2" data-column="ahci/init.sh" data-outcome="KERNEL_FAULT"' in text
+    assert 'data-kernel="k2" data-column="ahci" data-outcome="KERNEL_FAULT"' in text
     assert "bootharness replay ../reports/k2/bundles/" in text
     assert (tmp_path / "history" / "run-12.json").is_file()

@@ -280,3 +280,34 @@ def test_boot_shell_without_a_terminal_is_a_usage_error(
     code, _, err = run(capsys, "--kernels", str(tmp_path / "absent.toml"), "boot", "--shell")
     assert code == 5
     assert "--shell needs a terminal" in err
+
+
+def test_build_without_a_source_kernel_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], catalogue: Path, tmp_path: Path
+) -> None:
+    code, _, err = run(capsys, "--kernels", str(catalogue), "--cache", str(tmp_path / "c"), "build")
+    assert code == 5
+    assert "no kernel built from source" in err and 'linux_source = "linux-source-6.1"' in err
+
+
+def test_kernels_lists_a_source_kernel_unbuilt_without_building_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    tree = tmp_path / "linux"
+    tree.mkdir()
+    (tree / "Makefile").write_text("all:\n")
+    (tree / "Kconfig").write_text("\n")
+    path = tmp_path / "kernels.toml"
+    path.write_text('[kernels."mine"]\ntree = "linux"\nconfig = "defconfig"\n')
+    code, out, _ = run(capsys, "--kernels", str(path), "--cache", str(tmp_path / "c"), "kernels")
+    assert code == 0
+    assert rows_by_name(out)["mine"][1:] == [
+        "mine",
+        "build:",
+        str(tree),
+        "(defconfig)",
+        "-",
+        "no",
+        "-",
+    ]
+    assert not (tmp_path / "c" / "kernels" / "source" / "build").exists()

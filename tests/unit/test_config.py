@@ -17,6 +17,7 @@ from harness.kernel.catalogue import (
     DebianPackage,
     KernelEntry,
     LocalFiles,
+    SourceTree,
     find_catalogue,
     load_catalogue,
 )
@@ -58,7 +59,10 @@ def test_shipped_catalogue_loads_with_the_stock_kernel_as_default() -> None:
     assert default.source == DebianPackage("linux-image-6.1.0-56-amd64-unsigned")
     assert catalogue.select([]) == [default]
     assert "default" in default.tags
-    assert all(isinstance(kernel.source, DebianPackage) for kernel in catalogue.kernels)
+    packages = [k for k in catalogue.kernels if isinstance(k.source, DebianPackage)]
+    built = [k.name for k in catalogue.kernels if isinstance(k.source, SourceTree)]
+    assert len(packages) + len(built) == len(catalogue.kernels)
+    assert built == ["minimal-6.1"]
 
 
 def test_shipped_catalogue_nightly_and_bisect_sets() -> None:

@@ -76,7 +76,7 @@ def test_plan_shares_one_controller_and_gives_units_in_order() -> None:
     overlays = [Path(f"/vm/disk{i}.qcow2") for i in range(3)]
     assert placed.drive_args(overlays)[:2] == [
         "-drive",
-        "if=none,id=disk0,file=/vm/disk0.qcow2,format=qcow2",
+        "if=none,id=disk0,file=/vm/disk0.qcow2,format=qcow2,file.auto-read-only=off",
     ]
 
 

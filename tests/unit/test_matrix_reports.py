@@ -16,7 +16,7 @@ from harness.image import templates
 from harness.kernel.catalogue import load_catalogue
 from harness.outcome import ConfigError, InfraError, KernelFault, Outcome
 from harness.plugin.collector import AttemptState
-from harness.report import bundle
+from harness.report import bundle, view
 from harness.report import html as html_report
 from harness.report import model as results
 from harness.report.model import Results, TestRecord
@@ -48,8 +48,9 @@ def test_load_factor_of_this_machine_follows_proc_loadavg() -> None:
     before = one_minute()
     factor = loadscale.load_factor()
     after = one_minute()
-    expected = {round(min(4.0, max(1.0, load / cpus)), 3) for load in (before, after)}
-    assert factor in expected, (factor, before, after, cpus)
+    # /proc/loadavg shows two decimals; the harness reads the full value (os.getloadavg).
+    expected = [min(4.0, max(1.0, load / cpus)) for load in (before, after)]
+    assert any(abs(factor - e) <= 0.006 / cpus + 0.001 for e in expected), (factor, expected)
 
 
 def _report(when: str, outcome: str, longrepr: object = None) -> pytest.TestReport:
@@ -163,10 +164,10 @@ def test_html_matrix_has_kernel_rows_controller_columns_and_the_failure() -> Non
     parser = _Cells()
     parser.feed(page)
     assert [(c["data-kernel"], c["data-column"]) for c in parser.cells] == [
-        ("k1", "ahci/init.sh"),
-        ("k1", "nvme/init.sh"),
-        ("k2", "ahci/init.sh"),
-        ("k2", "nvme/init.sh"),
+        ("k1", "ahci"),
+        ("k1", "nvme"),
+        ("k2", "ahci"),
+        ("k2", "nvme"),
     ]
     failing = [i for i, c in enumerate(parser.cells) if "fail" in (c["class"] or "")]
     assert failing == [3]
@@ -191,8 +192,8 @@ def test_html_cell_shows_its_worst_outcome_and_retries() -> None:
 
 
 def test_worst_outcome_order() -> None:
-    assert html_report.worst(["PASS", "INFRA_ERROR", "KERNEL_FAULT"]) == "KERNEL_FAULT"
-    assert html_report.worst(["PASS", "SKIPPED"]) == "PASS"
+    assert view.worst(["PASS", "INFRA_ERROR", "KERNEL_FAULT"]) == "KERNEL_FAULT"
+    assert view.worst(["PASS", "SKIPPED"]) == "PASS"
 
 
 def test_controller_and_template_selection() -> None:

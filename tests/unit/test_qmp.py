@@ -5,6 +5,7 @@ closes, a peer that never answers. (Real QEMU: every boot test talks to it throu
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -122,3 +123,35 @@ def test_a_command_nobody_answers_times_out(pair: tuple[socket.socket, socket.so
     serve(theirs, script)
     with Qmp(ours, timeout=5.0) as qmp, pytest.raises(QmpError, match="did not answer"):
         qmp.command("query-status", timeout=0.2)
+
+
+def test_a_command_can_carry_an_open_file(
+    pair: tuple[socket.socket, socket.socket], tmp_path: Path
+) -> None:
+    """``command_with_fd``: the descriptor arrives with the command (SCM_RIGHTS), as QEMU's
+    ``getfd``/``add-fd`` want it; our copy stays open."""
+    ours, theirs = pair
+    theirs.sendall(json.dumps(GREETING).encode() + b"\n")
+    received: list[bytes] = []
+
+    def peer() -> None:
+        pending = b""
+        while True:
+            data, fds, _, _ = socket.recv_fds(theirs, 4096, 4)
+            if not data:
+                return
+            for fd in fds:
+                received.append(os.pread(fd, 100, 0))
+                os.close(fd)
+            *lines, pending = (pending + data).split(b"\n")
+            for line in lines:
+                request = json.loads(line)
+                theirs.sendall(json.dumps(ok(request)).encode() + b"\n")
+
+    threading.Thread(target=peer, daemon=True).start()
+    stream = tmp_path / "state"
+    stream.write_bytes(b"migration stream")
+    with stream.open("rb") as handle, Qmp(ours, timeout=5.0) as qmp:
+        assert qmp.command_with_fd(handle.fileno(), "getfd", fdname="stream") == {}
+        assert handle.read() == b"migration stream"  # still ours, still open
+    assert received == [b"migration stream"]
