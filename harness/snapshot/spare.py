@@ -83,17 +83,19 @@ def prepare(plan: Plan, snapshot: Snapshot, near: Path) -> None:
             log.debug("spare QEMU not started: %s", error)
             shutil.rmtree(folder, ignore_errors=True)
             return
-        spare = _Spare(key, machine, folder, threading.Thread(name="spare-qemu", daemon=True))
-        spare.thread = threading.Thread(target=_connect, args=(spare,), daemon=True)
-        spare.thread.start()
-        _SPARE = spare
+        errors: list[BaseException] = []
+        thread = threading.Thread(
+            target=_connect, args=(machine, errors), name="spare-qemu", daemon=True
+        )
+        thread.start()
+        _SPARE = _Spare(key, machine, folder, thread, errors)
 
 
-def _connect(spare: _Spare) -> None:
+def _connect(machine: Machine, errors: list[BaseException]) -> None:
     try:
-        spare.machine.connect()
+        machine.connect()
     except BaseException as error:  # kept for take(), which then starts a QEMU of its own
-        spare.error.append(error)
+        errors.append(error)
 
 
 def take(plan: Plan, snapshot: Snapshot, like: Machine, *, wait: float) -> Machine | None:
