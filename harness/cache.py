@@ -6,11 +6,22 @@ sees a half-built entry, and two processes (or xdist workers) building the same 
 for each other instead of racing. Each entry gets a manifest at creation and is checked
 against it on every use (:mod:`harness.manifest`): a damaged entry is rebuilt, never used.
 Writes that the file system refuses become errors that name why (:mod:`harness.cachefs`).
+
+**Records** (:func:`remember`, :func:`recall`) keep what a warm run would otherwise work out
+again in every process (which image a spec builds, a file's digest, QEMU's version): a small
+JSON file holding a key, a value and the identity (size, inode, times) of every file the
+value was made from. A record is used only while its key matches and none of those files has
+changed, so it never says more than the files do; make/ccache trust the same identity.
+The locks are ``flock(2)`` locks (:func:`locked`): released by the kernel when a process
+dies, and nothing to import beyond the standard library.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -18,10 +29,9 @@ import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-
-from filelock import FileLock
+from typing import Any
 
 from harness import cachefs, manifest
 
@@ -101,7 +111,7 @@ def build_once(
     what = f"building cache entry {target.name}"
     with cachefs.writing(target, what):
         target.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(target) + LOCK_SUFFIX):
+        with locked(str(target) + LOCK_SUFFIX):
             # Another process may have built (or repaired) it while we waited for the lock.
             problem = _problem(target, verify, adopt) if _exists(target) else None
             if problem == "":
@@ -230,3 +240,100 @@ def _write_manifest(entry: Path, target: Path) -> None:
         manifest.write(made, entry / manifest.FOLDER_MANIFEST)
     else:
         manifest.write(made, target.with_name(target.name + manifest.SIDECAR_SUFFIX))
+
+
+# -- locks
+
+_LOCK_POLL = 0.05
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike[str], *, timeout: float | None = None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file ``path`` (created if missing) for the block.
+
+    Other processes (and other open descriptions in this one) wait; the kernel releases the
+    lock when the holder exits, however it dies. The lock file is left in place.
+
+    Raises:
+        TimeoutError: ``timeout`` seconds passed without getting the lock.
+        OSError: the lock file cannot be created.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        if timeout is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        else:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(f"the lock {path} is held elsewhere") from None
+                    time.sleep(_LOCK_POLL)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+# -- records
+
+Identity = tuple[str, int, int, int, int, int]
+
+
+def file_identity(path: Path) -> Identity:
+    """``path``, its device, inode, size and times: what changes when the file may have.
+
+    Raises:
+        OSError: ``path`` cannot be stat'ed.
+    """
+    st = path.stat()
+    return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def recall(record: Path, key: str) -> Any:
+    """The value :func:`remember` kept in ``record`` under ``key``; None when there is none,
+    the key differs, or a file it was made from has changed (or is gone)."""
+    try:
+        data = json.loads(record.read_text())
+        if data.get("key") != key:
+            return None
+        for item in data["inputs"]:
+            if list(file_identity(Path(item[0]))) != item:
+                return None
+        return data["value"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+def remember(record: Path, key: str, value: Any, inputs: Iterable[Identity]) -> None:
+    """Keep ``value`` (JSON) in ``record`` under ``key``, valid while every file keeps the
+    identity given in ``inputs`` (taken *before* the files were read, so a file changed
+    meanwhile invalidates the record). Written atomically; a cache that cannot be written
+    only means the next run works the value out again."""
+    try:
+        data = {"key": key, "inputs": [list(identity) for identity in inputs], "value": value}
+        record.parent.mkdir(parents=True, exist_ok=True)
+        partial = record.with_name(f".{record.name}.{os.getpid()}")
+        partial.write_text(json.dumps(data) + "\n")
+        os.replace(partial, record)
+    except OSError as error:
+        log.debug("record %s not kept: %s", record, error)
+
+
+def remembered_digest(path: Path, record: Path, digest: Callable[[Path], str] = file_digest) -> str:
+    """``digest(path)`` (SHA-256 of the content by default), kept in ``record`` while the
+    file's identity stays the same.
+
+    Raises:
+        OSError: ``path`` cannot be read.
+    """
+    key = f"{digest.__module__}.{digest.__qualname__} {path}"
+    known = recall(record, key)
+    if isinstance(known, str):
+        return known
+    before = file_identity(path)
+    value = digest(path)
+    remember(record, key, value, [before])
+    return value

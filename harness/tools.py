@@ -39,6 +39,7 @@ DEBIAN_PACKAGE: dict[str, str] = {
     "mmd": "mtools",
     "mcopy": "mtools",
     "git": "git",
+    "setpriv": "util-linux",
     "mkinitramfs": "initramfs-tools-core",
     "unshare": "util-linux",
     "dpkg-query": "dpkg",

@@ -38,8 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
-
 from harness import cache, manifest
 
 log = logging.getLogger(__name__)
@@ -306,9 +304,9 @@ def _remove(entry: Entry, report: Report, why: str, *, dry_run: bool = False) ->
         report.freed += size
         return True
     try:
-        with FileLock(str(lock_path), timeout=0):
+        with cache.locked(lock_path, timeout=0):
             cache.discard(entry.path)
-    except Timeout:
+    except TimeoutError:
         log.info("cache entry %s is in use; kept", entry.path)
         return False
     except OSError as error:
@@ -357,9 +355,9 @@ def _debris(root: Path, *, older_than: float) -> Iterator[Path]:
 
 def _lock_is_free(path: Path) -> bool:
     try:
-        with FileLock(str(path), timeout=0):
+        with cache.locked(path, timeout=0):
             return True
-    except (Timeout, OSError):
+    except OSError:  # TimeoutError included
         return False
 
 

@@ -18,9 +18,11 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+import shutil
 import subprocess
 import sys
 import time
+import warnings
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -34,6 +36,9 @@ from harness.image import initramfs as initramfs_module
 from harness.image.initramfs import InitramfsSpec
 from harness.kernel.provision import Kernel
 from harness.outcome import ConfigError, Outcome
+from harness.snapshot import restore
+from harness.snapshot.errors import SnapshotWarning
+from harness.snapshot.plan import Plan
 from harness.storage.bootpaths import BootSpec
 from harness.vm import boot
 from harness.vm.deadlines import Deadlines
@@ -92,6 +97,7 @@ class BootOracle:
     boot: BootSpec = field(default_factory=BootSpec)  # the boot path (default: pvh)
     kernel_warnings: WarningPolicy = field(default_factory=WarningPolicy)
     sandbox: Sandbox = DEFAULT_SANDBOX
+    snapshot: str | None = None  # start each boot from a snapshot made with this mechanism
 
     @property
     def identity(self) -> str:
@@ -105,14 +111,6 @@ class BootOracle:
 
     def __call__(self, name: str) -> Observation:
         kernel = self.kernels(name)
-        # Build the image prepare_vm will boot (same modules, same digest) to key the cache
-        # before booting; prepare_vm's own build is then a cache hit.
-        spec = boot.with_harness_modules(kernel, self.spec)
-        image = initramfs_module.build(kernel, spec, self.cache_root)
-        key = verdict_key(kernel.identity, image.digest, self.identity)
-        if self.verdicts is not None and (hit := self.verdicts.get(key)) is not None:
-            return Observation(hit.outcome, hit.log_path, hit.message, cached=True)
-        started = time.monotonic()
         request = boot.BootRequest(
             kernel,
             self.spec,
@@ -124,7 +122,34 @@ class BootOracle:
             machine_options={"sandbox": self.sandbox},
         )
         folder = _Workdirs(self.workdir).new(name)
-        return boot_and_judge(request, self.cache_root, folder, self.verdicts, key, started)
+        if self.snapshot is not None:
+            vm = restore.prepare_vm(
+                request, cache_root=self.cache_root, workdir=folder, mechanism=self.snapshot
+            )
+            plan = vm.start_plan.plan if isinstance(vm.start_plan, restore.SnapshotStart) else None
+            key = self._key(kernel, plan)
+        else:
+            vm, key = None, self._key(kernel, None)
+        if self.verdicts is not None and (hit := self.verdicts.get(key)) is not None:
+            if vm is not None:
+                vm.stop()
+            shutil.rmtree(folder, ignore_errors=True)
+            return Observation(hit.outcome, hit.log_path, hit.message, cached=True)
+        started = time.monotonic()
+        return boot_and_judge(request, self.cache_root, folder, self.verdicts, key, started, vm=vm)
+
+    def _key(self, kernel: Kernel, plan: Plan | None) -> str:
+        """The verdict's key: the kernel, the image the boot runs, and the oracle. From a
+        snapshot, the image is the snapshot's key and the test's own rest of the init (no
+        need to build the cold image); a cold boot keys by the image it boots."""
+        if plan is not None:
+            image = cache.digest(["snapshot", plan.key, plan.rest])
+            return verdict_key(kernel.identity, image, self.identity)
+        # Build the image prepare_vm will boot (same modules, same digest) to key the cache
+        # before booting; prepare_vm's own build is then a cache hit.
+        spec = boot.with_harness_modules(kernel, self.spec)
+        image_digest = initramfs_module.build(kernel, spec, self.cache_root).digest
+        return verdict_key(kernel.identity, image_digest, self.identity)
 
 
 def boot_and_judge(
@@ -134,11 +159,17 @@ def boot_and_judge(
     verdicts: VerdictCache | None,
     key: str,
     started: float,
+    *,
+    vm: boot.Vm | None = None,
 ) -> Observation:
-    """Boot ``request`` in ``workdir``, keep the verdict under ``key`` (when there is a cache)
-    and say what the boot showed: what every boot oracle does once it knows its key."""
-    vm = boot.prepare_vm(request, cache_root=cache_root, workdir=workdir)
-    result = boot.run(vm, kernel=request.kernel, accel=request.accel)
+    """Boot ``request`` in ``workdir`` (or the VM prepared for it: one that starts from a
+    snapshot), keep the verdict under ``key`` (when there is a cache) and say what the boot
+    showed: what every boot oracle does once it knows its key."""
+    if vm is None:
+        vm = boot.prepare_vm(request, cache_root=cache_root, workdir=workdir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SnapshotWarning)  # a cold boot judges as well
+        result = boot.run(vm, kernel=request.kernel, accel=request.accel, cache_root=cache_root)
     if verdicts is not None:
         verdicts.put(
             key,

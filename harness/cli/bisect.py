@@ -138,6 +138,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--verdicts", type=Path, metavar="DIR", help="verdict cache (default: <cache>/verdicts)"
     )
     parser.add_argument("--no-cache", action="store_true", help="neither read nor store verdicts")
+    # Worth it when the steps share a kernel and the init up to its ready point (bisecting
+    # commands or the part of a template after it); each new kernel needs its own snapshot.
+    common.add_snapshot_option(parser)
     parser.add_argument(
         "--workdir",
         type=Path,
@@ -302,6 +305,7 @@ def _kernel_oracle(
         deadlines=Deadlines.from_options(args.boot_timeout, args.timeout_multiplier),
         cmdline=args.cmdline,
         verdicts=verdicts,
+        snapshot=args.snapshot,
     )
 
 
@@ -455,6 +459,7 @@ def _step_boot_oracle(
         boot=common.boot_spec(boot_args),
         kernel_warnings=common.warnings_policy(boot_args),
         sandbox=common.sandbox_of(boot_args),
+        snapshot=boot_args.snapshot,
     )
     return entry.name, oracle
 

@@ -1,15 +1,17 @@
-"""What the ``bootharness`` commands share: the parser class, common options, the catalogue
-and cache of a command line, the initramfs spec it asks for, run folders, and the terminal.
+"""What the ``bootharness`` commands share: the image and boot options, the catalogue and
+cache of a command line, the initramfs spec it asks for, run folders, and the terminal
+(the parser class, global options and number checks live in :mod:`harness.cli.parsing`;
+they are named here too, for the command modules).
 
 Every command module imports these from here (never from another command module), so the
-CLI's imports run one way: common <- commands <- main.
+CLI's imports run one way: parsing <- common <- commands <- main (which reaches the one
+command it runs by name).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 import select
 import sys
@@ -19,12 +21,17 @@ import tty
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import pexpect
 
 from harness import cachefs, compression
 from harness.cache import cache_root
+from harness.cli.parsing import USAGE_EXIT as USAGE_EXIT
+from harness.cli.parsing import Parser as Parser
+from harness.cli.parsing import add_global_options as add_global_options
+from harness.cli.parsing import positive as positive
+from harness.cli.parsing import setup_logging as setup_logging
 from harness.image import initramfs, templates
 from harness.kernel.catalogue import (
     SHIPPED_CATALOGUE,
@@ -34,7 +41,8 @@ from harness.kernel.catalogue import (
     load_catalogue,
 )
 from harness.kernel.provision import Kernel
-from harness.outcome import ConfigError, Outcome
+from harness.outcome import ConfigError
+from harness.snapshot.store import MECHANISMS
 from harness.storage import attach as storage_attach
 from harness.storage import bootpaths, controllers
 from harness.storage.bootpaths import BootSpec
@@ -49,34 +57,7 @@ from harness.vm.patterns import ConsoleVerdict
 from harness.vm.sandbox import DEDICATED_USER, FALLBACK_USER, SANDBOX_CHOICES, Sandbox
 from harness.vm.sandbox import from_options as sandbox_from_options
 
-USAGE_EXIT = Outcome.CONFIG_ERROR.cli_exit
 ESCAPE = b"\x1d"  # Ctrl-], as telnet and virsh console use
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse exits 2 on a usage error; bootharness exits 5, the CONFIG_ERROR code."""
-
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(USAGE_EXIT, f"{self.prog}: error: {message}\n")
-
-
-def add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
-    def default(value: Any) -> Any:
-        return argparse.SUPPRESS if suppress else value
-
-    parser.add_argument(
-        "--kernels", metavar="FILE", default=default(None), help="kernels.toml to use"
-    )
-    parser.add_argument(
-        "--cache",
-        metavar="DIR",
-        default=default(None),
-        help="cache folder (default: $BOOTHARNESS_CACHE or ~/.cache/bootharness)",
-    )
-    parser.add_argument(
-        "-v", "--verbose", action="count", default=default(0), help="log more (-vv: debug)"
-    )
 
 
 def image_options() -> Parser:
@@ -103,22 +84,6 @@ def image_options() -> Parser:
     )
     image.add_argument("-c", "--compression", choices=compression.METHODS, default="gzip")
     return image
-
-
-def positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
-    return value
-
-
-def setup_logging(verbosity: int) -> None:
-    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
-    logging.basicConfig(stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("harness").setLevel(level)
 
 
 def catalogue_of(args: argparse.Namespace) -> Catalogue:
@@ -207,6 +172,7 @@ def attach(child: Any) -> None:
     mode, bytes copied both ways. Reads go through pexpect so the console log keeps them.
     """
     fd_in, fd_out, console_fd = sys.stdin.fileno(), sys.stdout.fileno(), child.child_fd
+    console_input = child.sink_fd
     pending = child.buffer  # text read past the last match (the shell's first prompt)
     child.buffer = ""
     if pending:
@@ -225,7 +191,7 @@ def attach(child: Any) -> None:
             if fd_in in readable:
                 data = os.read(fd_in, 1024)
                 keep = data.split(ESCAPE, 1)[0]
-                write_all(console_fd, keep)
+                write_all(console_input, keep)
                 if not data or keep != data:
                     return
     finally:
@@ -235,6 +201,19 @@ def attach(child: Any) -> None:
 def write_all(fd: int, data: bytes) -> None:
     while data:
         data = data[os.write(fd, data) :]
+
+
+def add_snapshot_option(parser: argparse.ArgumentParser) -> None:
+    """``--snapshot [MECHANISM]``: start from a booted snapshot (see harness.snapshot)."""
+    parser.add_argument(
+        "--snapshot",
+        nargs="?",
+        const="auto",
+        choices=("auto", *MECHANISMS),
+        metavar="MECHANISM",
+        help="start from a booted snapshot (made first if the cache has none; auto, "
+        "shared-ram or stream; default auto); boots cold when none can be made or used",
+    )
 
 
 def add_boot_options(parser: argparse.ArgumentParser) -> None:
@@ -293,6 +272,7 @@ def add_boot_options(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="folder for the run's files (default: under <cache>/runs)",
     )
+    add_snapshot_option(parser)
 
 
 def warnings_policy(args: argparse.Namespace) -> WarningPolicy:

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 from harness.cache import cache_root
 from harness.cli import fanout
-from harness.cli.common import attach, new_run_dir
+from harness.cli.common import add_snapshot_option, attach, new_run_dir
 from harness.kernel.catalogue import find_catalogue, load_catalogue
 from harness.outcome import ConfigError, HarnessError
 from harness.report import bundle, replay
+from harness.snapshot.errors import SnapshotWarning
 from harness.storage import controllers
 
 
@@ -62,6 +64,7 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
         "--accel", choices=("kvm", "tcg"), help="accelerator (default: the recorded one)"
     )
     again.add_argument("--workdir", type=Path, metavar="DIR", help="folder for the replay's files")
+    add_snapshot_option(again)
     again.set_defaults(func=cmd_replay)
 
 
@@ -89,7 +92,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
     kernel_name = found.data["kernel"]["name"] or "kernel"
     workdir = args.workdir or new_run_dir(root, f"replay-{kernel_name}")
     prepared = replay.prepare(
-        found, workdir, cache_root=root, kernels_file=args.kernels, accel=args.accel
+        found,
+        workdir,
+        cache_root=root,
+        kernels_file=args.kernels,
+        accel=args.accel,
+        snapshot=args.snapshot,
     )
     print(f"replaying {found.path}")
     print(f"test:     {found.data['test']}")
@@ -97,7 +105,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(f"note:     {note}")
     if args.shell:
         return _shell(prepared)
-    result = replay.run(prepared)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SnapshotWarning)  # the report's start: line says it
+        result = replay.run(prepared)
     print(result.render())
     same = "reproduced" if result.outcome.name == found.outcome else "NOT reproduced"
     print(f"recorded: {found.outcome}; replayed: {result.outcome.name} ({same})")

@@ -2,7 +2,8 @@
 
 The image is cached under a digest of every entry that goes into it (paths, modes, contents)
 plus the compression and the timestamp, so the same inputs give the same bytes on any machine
-and a second build is a cache hit that costs only the hashing.
+and a second build is a cache hit. A warm build does not even hash: the spec's recipe record
+(:mod:`harness.image.recipe`) names the image while none of its inputs has changed.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ import os
 import posixpath
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from harness import cache, compression, tools
-from harness.image import cpio, templates
+from harness.image import cpio, recipe, templates
 from harness.image.cpio import Entry, EntryKind
+from harness.kernel import modules as kernel_modules
 from harness.kernel.modules import ModuleFile, shared_index
 from harness.kernel.provision import Kernel
 from harness.outcome import ConfigError
@@ -30,6 +33,11 @@ _FORMAT = "bootharness-initramfs-1"
 _MODULE_SUFFIXES = (".ko.xz", ".ko.zst", ".ko.gz", ".ko")
 # Applets busybox lists that must not become links: /init is ours, linuxrc is for initrd.
 _SKIP_APPLETS = {"init", "linuxrc", "sbin/init"}
+# The code that decides an image's bytes: a recipe record made by other code is not used.
+_CODE = tuple(
+    Path(str(m.__file__))
+    for m in (cpio, recipe, templates, compression, kernel_modules, sys.modules[__name__])
+)
 
 
 @dataclass(frozen=True)
@@ -80,9 +88,17 @@ def build(kernel: Kernel, spec: InitramfsSpec, cache_root: Path) -> Initramfs:
             compression the kernel cannot unpack.
         MissingToolError: busybox (or a compressor) is not installed.
     """
+    plan = _recipe(kernel, spec, cache_root)
+    found = plan.recall() if plan is not None else None
+    if found is not None:
+        return _remembered(found)
     if kernel.config:  # also refuses an unknown method; compress() does when there is no config
         compression.check_kernel_supports(spec.compression, kernel.config, kernel_name=kernel.name)
     modules = resolve_modules(kernel, spec.modules)
+    try:  # taken before the modules are read: a module changed meanwhile voids the record
+        module_inputs = [cache.file_identity(module.path) for module in modules]
+    except OSError:
+        plan = None
     module_entries = [_module_entry(kernel.release, module) for module in modules]
     variables = template_variables(spec, ["/" + entry.path for entry in module_entries])
     init_script = templates.render(spec.template, variables, extra_dirs=spec.template_dirs)
@@ -109,7 +125,76 @@ def build(kernel: Kernel, spec: InitramfsSpec, cache_root: Path) -> Initramfs:
 
     built = cache.build_once(target, write, adopt=check_image)
     log.info("initramfs %s (%s)", target, "built" if built else "cache hit")
-    return Initramfs(target, key, built, tuple(modules), init_script)
+    image = Initramfs(target, key, built, tuple(modules), init_script)
+    if plan is not None:
+        plan.keep(_record_of(image), [*module_inputs, cache.file_identity(target)])
+    return image
+
+
+def _recipe(kernel: Kernel, spec: InitramfsSpec, cache_root: Path) -> recipe.Recipe | None:
+    """What the image of ``spec`` for ``kernel`` depends on (see :mod:`harness.image.recipe`)."""
+    busybox = Path(tools.require("busybox"))
+    files: list[Path] = [busybox, *_CODE]
+    if kernel.config_path is not None:
+        files.append(kernel.config_path)
+    if spec.modules and kernel.modules_dir is not None:
+        files.append(kernel.modules_dir / "modules.dep")
+    paths = {k: v for k, v in spec.files.items() if not isinstance(v, bytes)}
+    contents = {k: cache.digest([v]) for k, v in spec.files.items() if isinstance(v, bytes)}
+    folders = templates.template_dirs(spec.template_dirs)
+    parts = {
+        "image": _FORMAT,
+        "kernel": [kernel.name, kernel.release, kernel.version, kernel.vmlinuz, kernel.cmdline],
+        "modules_dir": kernel.modules_dir,
+        "config": kernel.config_path,
+        "template": spec.template,
+        "variables": spec.variables,
+        "modules": spec.modules,
+        "files": paths,
+        "contents": contents,
+        "compression": spec.compression,
+        "template_dirs": folders,
+        "busybox": busybox,
+        "source_date_epoch": os.environ.get("SOURCE_DATE_EPOCH", ""),
+    }
+    return recipe.recipe(
+        parts, cache_root=cache_root, files=files, folders=folders, trees=paths.values()
+    )
+
+
+def _record_of(image: Initramfs) -> dict[str, Any]:
+    return {
+        "path": str(image.path),
+        "digest": image.digest,
+        "modules": [[m.name, m.relpath, str(m.path)] for m in image.modules],
+        "init_script": image.init_script,
+    }
+
+
+def _remembered(found: dict[str, Any]) -> Initramfs:
+    modules = tuple(ModuleFile(name, rel, Path(path)) for name, rel, path in found["modules"])
+    return Initramfs(Path(found["path"]), found["digest"], False, modules, found["init_script"])
+
+
+def render_init(spec: InitramfsSpec, module_paths: Sequence[str], cache_root: Path) -> str:
+    """The /init ``spec`` renders with its modules at ``module_paths`` (as :func:`build` would
+    put it in an image), kept as a recipe record while the template folders, their files and
+    the code are unchanged: a snapshot restore renders each test's own script.
+
+    Raises:
+        TemplateError: as :func:`harness.image.templates.render`.
+    """
+    variables = template_variables(spec, module_paths)
+    folders = templates.template_dirs(spec.template_dirs)
+    parts = {"script": _FORMAT, "template": spec.template, "variables": variables, "dirs": folders}
+    plan = recipe.recipe(parts, cache_root=cache_root, files=_CODE, folders=folders, trees=())
+    found = plan.recall() if plan is not None else None
+    if found is not None and isinstance(found.get("script"), str):
+        return str(found["script"])
+    script = templates.render(spec.template, variables, extra_dirs=spec.template_dirs)
+    if plan is not None:
+        plan.keep({"script": script}, [])
+    return script
 
 
 def check_image(path: Path) -> None:

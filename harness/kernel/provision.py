@@ -63,7 +63,7 @@ class Kernel:
     @property
     def identity(self) -> str:
         """A digest that changes whenever the kernel's files change; keys derived caches."""
-        parts = [self.release, self.version, cache.file_digest(self.vmlinuz)]
+        parts = [self.release, self.version, image_digest(self.vmlinuz, self.cache_dir)]
         return cache.digest(parts)
 
     def vmlinux(self) -> Path | None:
@@ -86,8 +86,16 @@ def parse_config(text: str) -> dict[str, str]:
     return options
 
 
+def image_digest(vmlinuz: Path, cache_dir: Path | None) -> str:
+    """SHA-256 of a kernel image; with a cache folder, kept there while the file is unchanged
+    (hashing 8 MB costs 10-80 ms, in every process that boots it)."""
+    if cache_dir is None:
+        return cache.file_digest(vmlinuz)
+    return cache.remembered_digest(vmlinuz, cache_dir / f"{vmlinuz.name}.sha256.json")
+
+
 # Per process: the vmlinux entry of each bzImage (by its identity), so that only the first
-# use digests the bzImage; every use still checks the entry itself (cache.build_once).
+# use looks up the bzImage's digest; every use still checks the entry itself (build_once).
 _VMLINUX: dict[tuple[object, ...], Path] = {}
 
 
@@ -95,7 +103,7 @@ def _cached_vmlinux(vmlinuz: Path, cache_dir: Path) -> Path | None:
     identity = (*manifest.file_identity(vmlinuz), str(cache_dir))
     target = _VMLINUX.get(identity)
     if target is None:
-        target = cache_dir / f"vmlinux-{cache.file_digest(vmlinuz)[:16]}"
+        target = cache_dir / f"vmlinux-{image_digest(vmlinuz, cache_dir)[:16]}"
         _VMLINUX[identity] = target
     marker = target.with_name(target.name + ".no-pvh")
     if marker.exists():

@@ -41,8 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from filelock import FileLock
-
 from harness import cache, tools
 from harness.kernel import kconfig, treestate
 from harness.kernel.catalogue import MINIMAL_CONFIG, SHIPPED_FRAGMENTS, SourceTree
@@ -281,7 +279,7 @@ def unpack_package(package: str, cache_root: Path, *, progress: bool) -> tuple[P
         return found
     pointer = trees / f"{package}.json"
     trees.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(pointer) + ".lock"):
+    with cache.locked(str(pointer) + ".lock"):
         download = Path(os.path.realpath(trees)) / f".download-{os.getpid()}"
         download.mkdir(exist_ok=True)
         try:
@@ -439,7 +437,7 @@ def _build_into(name: str, p: Plan, partial: Path, progress: bool, started: floa
     p.log_path.parent.mkdir(parents=True, exist_ok=True)
     p.build_dir.mkdir(parents=True, exist_ok=True)
     with (
-        FileLock(str(p.build_dir) + ".lock"),
+        cache.locked(str(p.build_dir) + ".lock"),
         _machine_lock(Path(lock)),
         p.log_path.open("w", buffering=1) as logfile,  # line by line: tail -f works
     ):

@@ -35,6 +35,7 @@ from harness.plugin.settings import (
     vms_key,
 )
 from harness.snapshot import restore as snapshots
+from harness.snapshot import spare
 from harness.storage import attach as storage
 from harness.storage import bootpaths, controllers
 from harness.storage.bootpaths import BootPath, BootSpec
@@ -217,12 +218,22 @@ def _snapshot_mode(
     return mode
 
 
+@pytest.fixture(scope="session")
+def bootharness_spares(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Where spare QEMUs wait for the next restore of a snapshot (see
+    :mod:`harness.snapshot.spare`): next to the tests' folders, so a spare's files move into
+    the test that takes it; the last spare is stopped when the session ends."""
+    yield tmp_path_factory.mktemp("spares")
+    spare.discard()
+
+
 @pytest.fixture
 def boot(
     request: pytest.FixtureRequest,
     kernel: kernels.Kernel,
     bootharness_accel: accel.AccelChoice,
     bootharness_workdir: Path,
+    bootharness_spares: Path,
 ) -> Iterator[BootVm]:
     """Boot VMs for the kernel under test; every VM is stopped when the test ends.
 
@@ -367,7 +378,11 @@ def boot(
             mode = "off"
         if mode != "off":
             vm = snapshots.prepare_vm(
-                boot_request, cache_root=settings.cache_dir, workdir=vm_dir, mechanism=mode
+                boot_request,
+                cache_root=settings.cache_dir,
+                workdir=vm_dir,
+                mechanism=mode,
+                spares=bootharness_spares,
             )
         else:
             vm = prepare_vm(boot_request, cache_root=settings.cache_dir, workdir=vm_dir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import warnings
 from collections.abc import Generator
 
@@ -30,6 +31,7 @@ from harness.plugin.settings import (
 )
 from harness.report import history
 from harness.snapshot.restore import MODES
+from harness.vm import loadscale
 from harness.vm.accel import VALID_REQUESTS
 from harness.vm.boot import Vm, qemu_version
 from harness.vm.sandbox import DEDICATED_USER, FALLBACK_USER, SANDBOX_CHOICES
@@ -167,6 +169,17 @@ def catalogue(config: pytest.Config) -> Catalogue:
         except HarnessError as error:
             raise pytest.UsageError(str(error)) from error
     return config.stash[catalogue_key]
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto`` (pytest-xdist): one worker per CPU the rest of the machine leaves free,
+    within the process's CPU quota, at least one (:func:`harness.vm.loadscale.auto_workers`):
+    on a loaded machine ``-n auto`` is ``-n 1``, never slower. ``-n logical`` and
+    ``PYTEST_XDIST_AUTO_NUM_WORKERS`` keep xdist's own choice."""
+    if config.option.numprocesses == "logical" or os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    return loadscale.auto_workers()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 from harness import cache
 from harness.outcome import ConfigError
 from harness.report.model import write_atomic
+from harness.snapshot.restore import plan_record
 from harness.storage import disks
 from harness.vm.boot import qemu_version
 
@@ -178,6 +179,11 @@ def write(
     if traces:  # where it crashed, symbolised against the kernel's own files
         (target / TRACE).write_text(traces + "\n")
         data["trace"] = TRACE
+    # A VM resumed from a snapshot: its image is the snapshot's (the init waits at READY),
+    # so a replay needs the plan too (the test's own rest of the init, the snapshot's key).
+    snapshot = plan_record(vm)
+    if snapshot is not None:
+        data["snapshot"] = snapshot
     write_atomic(target / BUNDLE_JSON, json.dumps(data, indent=2) + "\n")
     log.info("reproduction bundle: %s", target)
     return target

@@ -157,8 +157,7 @@ def render(
 def _summary(results: Results) -> str:
     badges = " ".join(_badge(o, f"{n} {o}") for o, n in view.outcome_counts(results.records))
     first = next((r for r in results.records if r.qemu_version), None)
-    accelerators = ", ".join(dict.fromkeys(r.accelerator for r in results.records if r.accelerator))
-    qemu = f"QEMU {first.qemu_version}, accel {accelerators}" if first else ""
+    qemu = f"QEMU {first.qemu_version}" if first else ""
     meta = ", ".join(
         x
         for x in (
@@ -170,7 +169,24 @@ def _summary(results: Results) -> str:
         )
         if x
     )
-    return f'<p class="meta">{_e(meta)}</p><p class="summary">{badges}</p>'
+    accels = accelerators(results.records)
+    accel_line = f'<p class="meta accel">{_e(accels)}</p>' if accels else ""
+    return f'<p class="meta">{_e(meta)}</p>{accel_line}<p class="summary">{badges}</p>'
+
+
+def accelerators(records: Sequence[TestRecord]) -> str:
+    """Which accelerator each job's boots used, by kernel: ``accel kvm`` when all used one,
+    else ``accel kvm: debian-6.1, debian-6.12; tcg: debian-5.10`` (a merged nightly page
+    gathers jobs from runners with and without /dev/kvm)."""
+    kernels: dict[str, set[str]] = {}
+    for record in records:
+        if record.accelerator:
+            kernels.setdefault(record.accelerator, set()).add(record.kernel or "?")
+    if len(kernels) <= 1:
+        return "".join(f"accel {name}" for name in kernels)
+    return "accel " + "; ".join(
+        f"{name}: {', '.join(sorted(names))}" for name, names in sorted(kernels.items())
+    )
 
 
 def _changes(since: Mapping[str, history.Streak]) -> str:

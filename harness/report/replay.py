@@ -10,23 +10,34 @@ so replaying never writes the base and never depends on the original run's files
 A replay boots what the original test booted; what the test did with the console after the
 boot (commands it sent, assertions it made) is not replayed. ``--shell`` attaches the console
 afterwards, to look around a rescue shell or a hung guest.
+
+A test that resumed from a snapshot recorded the snapshot's image, whose init waits at its
+ready point for a go line, and the plan (the test's own rest of the init, the snapshot's
+key). Its replay boots that image to the ready point and sends the go line and the same rest
+(:class:`~harness.snapshot.restore.SplitStart`); with ``snapshot`` it resumes from the same
+snapshot instead (found under the same key, or made from the same image; with the same locks
+and the same fall back to booting when it cannot), for a VM without disks.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from harness import cache
+from harness.image.initramfs import InitramfsSpec
 from harness.kernel.catalogue import find_catalogue, load_catalogue
 from harness.kernel.provision import Kernel, provision
 from harness.outcome import ConfigError
 from harness.report.bundle import Bundle, DiskRef
+from harness.snapshot import restore
 from harness.storage import disks
 from harness.vm import boot
+from harness.vm.boot import StartPlan
 from harness.vm.deadlines import Deadlines
 from harness.vm.machine import MachineSpec
 from harness.vm.patterns import ConsoleVerdict
@@ -51,8 +62,10 @@ def prepare(
     cache_root: Path,
     kernels_file: str | None = None,
     accel: str | None = None,
+    snapshot: str | None = None,
 ) -> Replay:
-    """Set up the VM of ``bundle`` in ``workdir`` (not started).
+    """Set up the VM of ``bundle`` in ``workdir`` (not started); ``snapshot`` (a mechanism
+    or ``auto``) resumes a snapshot-started test from its snapshot (see the module doc).
 
     Raises:
         ConfigError: the kernel image is gone and cannot be provisioned again with the same
@@ -74,12 +87,23 @@ def prepare(
     spec = MachineSpec(kernel=image, initrd=bundle.initramfs, **machine)
     deadlines = Deadlines(**bundle.data["deadlines"])
     judged = bundle.data.get("verdict") or {}  # bundles from before console verdicts: markers
+    expected_boots = int(bundle.data.get("expected_boots", 1))
+    recorded = bundle.data.get("snapshot")
+    start: StartPlan | None = None
+    if recorded is not None:
+        start = _snapshot_start(
+            bundle, recorded, kernel, spec, workdir, cache_root, snapshot, notes
+        )
+        expected_boots = 1  # the replay boots from the start (or resumes: then none)
+    elif snapshot is not None:
+        notes.append("the test booted cold: so does its replay (no snapshot to resume)")
     vm = boot.Vm(
         spec,
         workdir,
         nonce=str(bundle.data["nonce"]),
         deadlines=deadlines,
-        expected_boots=int(bundle.data.get("expected_boots", 1)),
+        expected_boots=expected_boots,
+        start_plan=start,
         verdict=ConsoleVerdict(
             tuple(judged.get("expect", ())),
             tuple(judged.get("fail", ())),
@@ -89,6 +113,68 @@ def prepare(
     )
     vm.kernel = kernel  # as the boot fixture does
     return Replay(vm, kernel, bundle, notes)
+
+
+def _snapshot_start(
+    bundle: Bundle,
+    recorded: dict[str, Any],
+    kernel: Kernel,
+    spec: MachineSpec,
+    workdir: Path,
+    cache_root: Path,
+    mechanism: str | None,
+    notes: list[str],
+) -> StartPlan:
+    """How a replay of a snapshot-started test starts: to the ready point and the go line,
+    or from the snapshot when asked (and possible)."""
+    cold = restore.SplitStart(_ready_machine(spec), str(recorded["rest"]), workdir)
+    if mechanism is None:
+        notes.append(
+            "the test resumed from a snapshot: the replay boots its image to the ready point "
+            "and sends the same rest of the init (--snapshot resumes instead)"
+        )
+        return cold
+    if recorded.get("disks") or spec.initrd is None:
+        notes.append("a VM with disks replays without its snapshot: booting to the ready point")
+        return cold
+    plan = restore.plan_from_record(
+        kernel, spec.initrd, recorded, cache_root=cache_root, kernel_image=spec.kernel
+    )
+    request = boot.BootRequest(kernel, InitramfsSpec(), accel=plan.accel)
+    return restore.SnapshotStart(
+        request, plan, workdir, cache_root=cache_root, mechanism=mechanism, fallback=cold
+    )
+
+
+def _ready_machine(restored: MachineSpec) -> Callable[[str], MachineSpec]:
+    """The machine that boots a restored VM's image from the start, for a given nonce: the
+    recorded machine without the restore's RAM backend and incoming stream."""
+    extra: list[str] = []
+    args = list(restored.extra_args)
+    skip = False
+    for index, arg in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        value = args[index + 1] if index + 1 < len(args) else ""
+        if arg == "-incoming" or (arg == "-object" and value.startswith("memory-backend-file,")):
+            skip = True
+            continue
+        extra.append(arg)
+    parts = restored.machine.split(",")
+    machine = ",".join(p for p in parts if not p.startswith("memory-backend="))
+    word = f"{boot.NONCE_PARAMETER}="
+
+    def build(nonce: str) -> MachineSpec:
+        words = [w for w in restored.cmdline.split() if not w.startswith(word)]
+        return replace(
+            restored,
+            machine=machine,
+            extra_args=tuple(extra),
+            cmdline=" ".join([*words, f"{word}{nonce}"]),
+        )
+
+    return build
 
 
 def run(replay: Replay) -> boot.BootResult:

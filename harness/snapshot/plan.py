@@ -39,7 +39,7 @@ from typing import Any
 
 from harness import cache, tools
 from harness.image import templates
-from harness.image.initramfs import Initramfs, InitramfsSpec, module_path, template_variables
+from harness.image.initramfs import Initramfs, InitramfsSpec, module_path, render_init
 from harness.image.initramfs import build as build_initramfs
 from harness.kernel.provision import Kernel
 from harness.snapshot.errors import SnapshotUnsupported
@@ -163,10 +163,10 @@ def make_plan(
     head, _ = split_script(image.init_script, template=spec.template)
     paths = ["/" + module_path(kernel.release, module) for module in image.modules]
     own = replace(full, variables=ready_variables)
-    script = templates.render(
-        spec.template, template_variables(own, paths), extra_dirs=spec.template_dirs
-    )
+    script = render_init(own, paths, cache_root)
     own_head, rest = split_script(script, template=spec.template)
+    if "\0" in rest:  # the init reads the rest with `read -d ""`: a NUL would end it early
+        raise SnapshotUnsupported("the test's own part of the init holds a NUL byte")
     if own_head != head:
         raise SnapshotUnsupported(
             f"init template {spec.template!r} renders the test's commands before its ready "
@@ -176,7 +176,7 @@ def make_plan(
     assert base.kernel is not None  # machine_spec always loads the kernel through QEMU
     key_parts = {
         "format": FORMAT,
-        "qemu": qemu_identity(base.qemu),
+        "qemu": qemu_identity(base.qemu, cache_root=cache_root),
         "accel": accel,
         "kernel": f"{kernel_identity} {base.kernel.name}",
         "initramfs": image.digest,
@@ -260,14 +260,20 @@ def _disk_fields(storage: Storage | None) -> list[dict[str, Any]]:
     return fields
 
 
-def qemu_identity(qemu: str = "qemu-system-x86_64") -> str:
-    """A digest of the QEMU binary's content and its version string.
+def qemu_identity(qemu: str = "qemu-system-x86_64", *, cache_root: Path | None = None) -> str:
+    """A digest of the QEMU binary's content and its version string (with a cache, both are
+    kept there while the binary is unchanged: hashing 18 MB costs more than a restore).
 
     Raises:
         MissingToolError: QEMU is not installed.
     """
-    path = Path(tools.require(qemu))
-    return cache.digest([content_digest(path.resolve()), qemu_version(qemu)])
+    path = Path(tools.require(qemu)).resolve()
+    if cache_root is None:
+        content = content_digest(path)
+    else:
+        record = cache_root / "qemu" / f"content-{cache.digest([str(path)])[:16]}.json"
+        content = cache.remembered_digest(path, record, content_digest)
+    return cache.digest([content, qemu_version(qemu, cache_root=cache_root)])
 
 
 def go_line(nonce: str, rest: str, *, epoch: float | None = None) -> str:

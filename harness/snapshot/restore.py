@@ -60,13 +60,16 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-from filelock import FileLock
+from typing import Any
 
 from harness import cache
+from harness.image.initramfs import Initramfs
+from harness.kernel.provision import Kernel
 from harness.outcome import ConfigError, HarnessError, InfraError
+from harness.snapshot import spare
 from harness.snapshot.errors import (
     SnapshotCorrupt,
     SnapshotError,
@@ -74,7 +77,7 @@ from harness.snapshot.errors import (
     SnapshotWarning,
 )
 from harness.snapshot.migration import incoming, save
-from harness.snapshot.plan import Plan, go_line, make_plan, rest_message
+from harness.snapshot.plan import Plan, go_line, make_plan, qemu_identity, rest_message
 from harness.snapshot.store import (
     MECHANISMS,
     RAM_FILE,
@@ -87,6 +90,7 @@ from harness.snapshot.store import (
 )
 from harness.vm.boot import (
     BootRequest,
+    StartPlan,
     Vm,
     cold_machine,
     machine_spec,
@@ -96,7 +100,7 @@ from harness.vm.boot import (
 )
 from harness.vm.console import Mark
 from harness.vm.deadlines import Deadlines
-from harness.vm.machine import Machine
+from harness.vm.machine import Machine, MachineSpec
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +240,7 @@ def unsupported_mechanisms(cache_root: Path, qemu: str) -> dict[str, str]:
 def _mark_unsupported(cache_root: Path, qemu: str, mechanism: str, reason: str) -> None:
     path = _unsupported_path(cache_root, qemu)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
+    with cache.locked(str(path) + ".lock"):
         known = unsupported_mechanisms(cache_root, qemu)
         known[mechanism] = reason
         partial = path.with_suffix(f".{os.getpid()}.partial")
@@ -321,8 +325,13 @@ class SnapshotStart:
         cache_root: Path,
         mechanism: str = AUTO,
         unusable: SnapshotError | None = None,
+        spares: Path | None = None,
+        fallback: StartPlan | None = None,
     ) -> None:
         self.request = request
+        self.fallback = fallback  # how to start without a snapshot, if not from the request
+        self.spares = spares
+        self.from_spare = False  # the restore took a spare QEMU started ahead of need
         self.plan = plan
         self.workdir = workdir
         self.cache_root = cache_root
@@ -372,23 +381,46 @@ class SnapshotStart:
         except SnapshotError as error:
             self._boot_cold(vm, error)
             return
-        try:
-            self._restore(vm, self.plan, snapshot)
-        except HarnessError as error:
-            machine = vm.machine
-            if machine.launched and machine.console.recorder.mark("RESUMED") is not None:
-                # The restore worked and the test's own part already failed (a command
-                # that panics the kernel at once): like a cold boot's failure after
-                # INIT-START, the next wait reports it (faults and exits stay recorded).
-                log.debug("failure right after the restore, left to the test: %s", error)
+        for spares in (True, False):
+            try:
+                self._restore(vm, self.plan, snapshot, spares=spares)
                 return
-            machine.stop()
-            discard(snapshot.path, f"restore failed: {error.message}", only=snapshot)
-            self._boot_cold(vm, SnapshotError(f"restoring {snapshot.path} failed: {error.message}"))
+            except HarnessError as error:
+                if isinstance(error, ConfigError):  # the request's fault, not the snapshot's
+                    raise
+                machine = vm.machine
+                if machine.launched and machine.console.recorder.mark("RESUMED") is not None:
+                    # The restore worked and the test's own part already failed (a command
+                    # that panics the kernel at once): like a cold boot's failure after
+                    # INIT-START, the next wait reports it (faults and exits stay recorded).
+                    log.debug("failure right after the restore, left to the test: %s", error)
+                    return
+                machine.stop()
+                if self.from_spare:  # says nothing about the snapshot: again, without
+                    log.debug("restore with a spare QEMU failed, once more without: %s", error)
+                    continue
+                discard(snapshot.path, f"restore failed: {error.message}", only=snapshot)
+                self._boot_cold(
+                    vm, SnapshotError(f"restoring {snapshot.path} failed: {error.message}")
+                )
+                return
 
-    def _restore(self, vm: Vm, plan: Plan, snapshot: Snapshot) -> None:
+    def describe(self, vm: Vm) -> str:
+        """``<mechanism> snapshot`` (``, made now`` when this start made it), or ``cold``
+        with the reason a snapshot was not used."""
+        if vm.boot_mechanism not in ("cold", "pending"):
+            return f"{vm.boot_mechanism} snapshot" + (", made now" if self.created else "")
+        if self.note is not None:
+            return f"cold (no snapshot: {self.note})"
+        return vm.boot_mechanism
+
+    def _restore(self, vm: Vm, plan: Plan, snapshot: Snapshot, *, spares: bool) -> None:
         workdir = self.workdir / "restored"
+        if workdir.exists() and not spares:  # a failed attempt with a spare left its files
+            shutil.move(workdir, self.workdir / "restored-spare-failed")
         nonce = new_nonce()
+        # No banner is expected after a restore: one would be an unexpected reboot.
+        expected_boots = max(self.request.expected_boots - 1, 0)
         spec = plan.machine(
             workdir,
             ready_nonce=snapshot.ready_nonce,
@@ -397,17 +429,22 @@ class SnapshotStart:
             share=False,
             incoming=True,
         )
-        # No banner is expected after a restore: one would be an unexpected reboot.
-        machine = vm.use_machine(
-            spec, workdir, nonce=nonce, expected_boots=max(self.request.expected_boots - 1, 0)
-        )
+        machine = vm.use_machine(spec, workdir, nonce=nonce, expected_boots=expected_boots)
+        taken = None
+        if self.spares is not None and spares:
+            taken = spare.take(plan, snapshot, machine, wait=vm.deadlines.of("firmware"))
+        self.from_spare = taken is not None
+        if taken is not None:
+            vm.adopt(taken)
+            machine = taken
         self.snapshot = snapshot
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "snapshot.txt").write_text(
             f"restored from {snapshot.path} ({snapshot.mechanism})\n"
             f"the boot up to the ready point: {snapshot.path / BOOT_LOG}\n"
         )
-        machine.launch()
+        if not machine.launched:
+            machine.launch()
         recorder = machine.console.recorder
         incoming(machine, snapshot, time.monotonic() + vm.deadlines.of("firmware"))
         recorder.marks.append(Mark("restored", time.monotonic() - recorder.started))
@@ -416,12 +453,17 @@ class SnapshotStart:
         machine.console.send(go_line(nonce, plan.rest) + rest_message(plan.rest))
         vm.boot_mechanism = snapshot.mechanism
         vm.expect_marker("RESUMED", phase="firmware")
+        if self.spares is not None:  # the next restore of this snapshot starts from it
+            spare.prepare(plan, snapshot, self.spares)
 
     def _boot_cold(self, vm: Vm, reason: SnapshotError) -> None:
         message = f"booting cold instead of from a snapshot: {reason.message}"
         log.warning("%s", message)
         warnings.warn(SnapshotWarning(message), stacklevel=4)
         self.note = reason.message
+        if self.fallback is not None:  # a VM known by its image only (a replay)
+            self.fallback.start(vm)
+            return
         if self.plan is not None:  # else the VM was set up on its cold machine already
             folder = self.workdir / "cold"
             spec, nonce = cold_machine(self.request, cache_root=self.cache_root, workdir=folder)
@@ -430,15 +472,130 @@ class SnapshotStart:
         vm.boot_cold()
 
 
+class SplitStart:
+    """A VM's :class:`~harness.vm.boot.StartPlan` for an image with a ready point when there
+    is no snapshot: boot it cold to its ready point, then send the go line and the rest of
+    the init there, as a restore would. What a replay of a test that started from a snapshot
+    boots, since the image it recorded is the snapshot's (its init waits at ``READY``).
+
+    ``machine`` gives the machine for a command-line nonce (the image's init marks with it
+    until the go line brings the run's own).
+    """
+
+    def __init__(
+        self,
+        machine: Callable[[str], MachineSpec],
+        rest: str,
+        workdir: Path,
+        *,
+        expected_boots: int = 1,
+    ) -> None:
+        self.machine = machine
+        self.rest = rest
+        self.workdir = workdir
+        self.expected_boots = expected_boots
+
+    def start(self, vm: Vm) -> None:
+        """Boot to the ready point, then hand the init its go line and rest.
+
+        Raises:
+            InfraError, KernelFault, BootTimeout, TestFailure: as :meth:`Vm.start`.
+        """
+        folder = self.workdir / "cold"
+        ready = new_nonce()
+        vm.use_machine(self.machine(ready), folder, nonce=ready, expected_boots=self.expected_boots)
+        vm.boot_mechanism = "cold"
+        vm.boot_cold()
+        vm.expect_marker("READY", phase="init")
+        nonce = new_nonce()
+        vm.switch_nonce(nonce)
+        vm.console.send(go_line(nonce, self.rest) + rest_message(self.rest))
+        vm.expect_marker("RESUMED", phase="init")
+
+    def describe(self, vm: Vm) -> str:
+        return "cold, to the snapshot's ready point"
+
+
+def plan_record(vm: Vm) -> dict[str, Any] | None:
+    """What a bundle keeps to start ``vm``'s snapshot again (:func:`plan_from_record`):
+    None unless ``vm`` resumed from a snapshot."""
+    start = vm.start_plan
+    if not isinstance(start, SnapshotStart) or start.plan is None or start.snapshot is None:
+        return None
+    if vm.boot_mechanism not in MECHANISMS:
+        return None
+    plan = start.plan
+    return {
+        "mechanism": start.snapshot.mechanism,
+        "rest": plan.rest,
+        "accel": plan.accel,
+        "cmdline": plan.cmdline,
+        "machine_options": {k: _plain(v) for k, v in plan.machine_options.items()},
+        "key_parts": dict(plan.key_parts),
+        "image_digest": plan.image.digest,
+        "disks": plan.storage is not None,
+    }
+
+
+def plan_from_record(
+    kernel: Kernel,
+    image: Path,
+    record: Mapping[str, Any],
+    *,
+    cache_root: Path,
+    kernel_image: Path | None = None,
+) -> Plan:
+    """The plan of a recorded snapshot start, on ``kernel`` and the recorded ``image`` (the
+    snapshot's image), keyed for this QEMU: the same snapshot when nothing changed, else a
+    new one made from the same image. ``kernel_image`` is the file QEMU booted, when the
+    kernel is described by it (a replay's recorded vmlinux).
+
+    Raises:
+        KeyError, TypeError, ValueError: the record is not one :func:`plan_record` wrote.
+        MissingToolError: QEMU is not installed.
+    """
+    options = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in record["machine_options"].items()
+    }
+    if kernel_image is not None and kernel_image == kernel.vmlinuz:
+        options["prefer_vmlinux"] = False  # the kernel is known by the very image to boot
+    parts = {**record["key_parts"]}
+    qemu = str(options.get("qemu", MachineSpec.__dataclass_fields__["qemu"].default))
+    parts["qemu"] = qemu_identity(qemu, cache_root=cache_root)
+    initramfs = Initramfs(image, str(record["image_digest"]), False, (), "")
+    return Plan(
+        kernel,
+        initramfs,
+        str(record["rest"]),
+        str(record["accel"]),
+        str(record["cmdline"]),
+        options,
+        None,
+        parts,
+    )
+
+
+def _plain(value: Any) -> Any:
+    return [str(v) for v in value] if isinstance(value, list | tuple) else value
+
+
 def prepare_vm(
-    request: BootRequest, *, cache_root: Path, workdir: Path, mechanism: str = AUTO
+    request: BootRequest,
+    *,
+    cache_root: Path,
+    workdir: Path,
+    mechanism: str = AUTO,
+    spares: Path | None = None,
 ) -> Vm:
     """Set up a VM that starts from a snapshot of its definition (see the module doc).
 
     Takes what :func:`harness.vm.boot.prepare_vm` takes (the request's disks are planned,
     not attached: every restore gets its own overlays), plus the mechanism (``auto``,
     ``shared-ram`` or ``stream``). The VM's :attr:`~harness.vm.boot.Vm.start_plan` is its
-    :class:`SnapshotStart`.
+    :class:`SnapshotStart`. With ``spares`` (a folder on the file system of later VM
+    folders, that lives as long as the process), each restore starts a spare QEMU there
+    for the next restore of the same snapshot (:mod:`harness.snapshot.spare`): for a
+    process that restores many times, such as a test session.
 
     Raises:
         ConfigError: bad template, module or file (see :func:`harness.image.initramfs.build`).
@@ -458,7 +615,13 @@ def prepare_vm(
     except SnapshotUnsupported as error:
         unusable = error
     start = SnapshotStart(
-        request, plan, workdir, cache_root=cache_root, mechanism=mechanism, unusable=unusable
+        request,
+        plan,
+        workdir,
+        cache_root=cache_root,
+        mechanism=mechanism,
+        unusable=unusable,
+        spares=spares,
     )
     if plan is not None:
         # Until start: the machine of the snapshot's definition (its nonce comes at restore).

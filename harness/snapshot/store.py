@@ -3,9 +3,9 @@
 A snapshot folder holds the migration stream (:data:`STATE_FILE`), with the ``shared-ram``
 mechanism the guest's RAM (:data:`RAM_FILE`), and the manifest (:data:`MANIFEST`: format,
 mechanism, each file's size and digest), written last, so an entry without one is incomplete.
-Before first use in a process every file is checked against it (content digest over the
-file's data extents; after that, its size, inode and times), so a truncated or corrupt
-snapshot is found before QEMU sees it and is never half used.
+Before first use every file is checked against it (content digest over the file's data
+extents, kept as a record while the file's size, inode and times stay the same), so a
+truncated or corrupt snapshot is found before QEMU sees it and is never half used.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
+from harness import cache
 from harness.manifest import content_digest as content_digest  # re-exported
 from harness.manifest import file_identity as file_identity
 from harness.snapshot.errors import SnapshotCorrupt
@@ -37,6 +36,16 @@ MANIFEST = "manifest.json"
 
 # -- digests: the sparse-aware content digest of harness.manifest (guest RAM files are
 # mostly holes), cached per process by file identity
+
+
+def verified_digest(path: Path) -> str:
+    """:func:`content_digest` of a snapshot file, kept next to it (``.<name>.digest.json``)
+    while the file's size, inode and times stay the same: every process checks a snapshot
+    before its first use, and digesting a RAM file costs more than the restore itself (a
+    ``bootharness boot --snapshot`` is one process per restore)."""
+    return cache.remembered_digest(
+        path, path.with_name(f".{path.name}.digest.json"), content_digest
+    )
 
 
 # -- a saved snapshot
@@ -103,7 +112,7 @@ def load(path: Path) -> Snapshot:
                 "truncated or overwritten",
                 path,
             )
-        if content_digest(file) != expected["digest"]:
+        if verified_digest(file) != expected["digest"]:
             raise SnapshotCorrupt(
                 f"snapshot file {file} does not match its manifest's digest", path
             )
@@ -117,7 +126,7 @@ def discard(path: Path, reason: str, *, only: Snapshot | None = None) -> bool:
     discarded and rebuilt it meanwhile. A QEMU still restoring from it keeps its open
     files. Returns True if something was removed.
     """
-    with FileLock(str(path) + ".lock"):
+    with cache.locked(str(path) + ".lock"):
         if not path.exists():
             return False
         if only is not None:
@@ -146,7 +155,7 @@ def write_manifest(
         "ready_nonce": ready_nonce,
         "created": time.time(),
         "files": {
-            name: {"size": (target / name).stat().st_size, "digest": content_digest(target / name)}
+            name: {"size": (target / name).stat().st_size, "digest": verified_digest(target / name)}
             for name in files
         },
     }

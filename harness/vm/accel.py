@@ -26,10 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
 from harness import lifeline
-from harness.cache import cache_root, digest
+from harness.cache import cache_root, digest, locked
 from harness.outcome import ConfigError, Evidence, InfraError
 from harness.tools import require
 
@@ -381,10 +379,9 @@ def _probe_once(qemu: str, deadline: float, cache_dir: Path) -> _Probe:
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
             # Generous: a holder is itself bounded by its deadline plus the kill grace.
-            lock = FileLock(str(cache_dir / "kvm-probe.lock"), timeout=2 * deadline + 10)
-            with lock:
+            with locked(cache_dir / "kvm-probe.lock", timeout=2 * deadline + 10):
                 probe = _locked_probe(qemu, deadline, cache_file, fields)
-        except OSError as error:  # includes filelock.Timeout
+        except OSError as error:  # includes TimeoutError
             log.warning("KVM probe cache %s unusable (%s); probing without it", cache_dir, error)
             probe = _fresh_probe(qemu, deadline)
         _MEMO[key] = probe

@@ -67,12 +67,30 @@ def new_nonce() -> str:
     return secrets.token_hex(8)
 
 
+def qemu_version(qemu: str = "qemu-system-x86_64", *, cache_root: Path | None = None) -> str:
+    """QEMU's version string, e.g. ``7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)``; with a
+    cache, kept there while the binary is unchanged (``qemu --version`` is a process start,
+    10-50 ms, in every process that reports a boot).
+
+    Raises:
+        MissingToolError: QEMU is not installed.
+    """
+    path = tools.require(qemu)
+    if cache_root is None:
+        return _qemu_version(path)
+    record = cache_root / "qemu" / f"version-{cache.digest([path])[:16]}.json"
+    known = cache.recall(record, path)
+    if isinstance(known, str):
+        return known
+    before = cache.file_identity(Path(path))
+    value = _qemu_version(path)
+    cache.remember(record, path, value, [before])
+    return value
+
+
 @functools.cache
-def qemu_version(qemu: str = "qemu-system-x86_64") -> str:
-    """QEMU's version string, e.g. ``7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)``."""
-    out = subprocess.run(
-        [tools.require(qemu), "--version"], capture_output=True, text=True, check=False
-    ).stdout
+def _qemu_version(path: str) -> str:
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, check=False).stdout
     match = re.search(r"version (.+)", out)
     return match.group(1).strip() if match else "unknown"
 
@@ -335,6 +353,7 @@ class BootResult:
     log_path: Path | None = None
     qemu_version: str = ""
     error: HarnessError | None = None
+    start: str = "cold"  # or "<mechanism> snapshot", or why a snapshot was not used
     boot_path: str = bootpaths.DEFAULT_BOOT_PATH
     boot_entry: str = ""  # the boot loader's menu entry that booted, when there was one
     warnings: list[str] = field(default_factory=list)  # kernel warnings the policy lists
@@ -357,8 +376,10 @@ class BootResult:
         )
 
     def end_lines(self) -> list[str]:
-        """The outcome, the console log and, for a failure, its evidence."""
+        """How the VM started, the outcome, the console log and, for a failure, its
+        evidence."""
         lines = [f"warning:  {warning}" for warning in self.warnings]
+        lines.append(f"start:    {self.start}")
         lines.append(
             f"outcome:  {self.outcome.name}" + (f": {self.message}" if self.message else "")
         )
@@ -394,6 +415,11 @@ class StartPlan(Protocol):
     boot, bringing its own machine through :meth:`Vm.use_machine` before launching it."""
 
     def start(self, vm: Vm) -> None: ...
+
+    def describe(self, vm: Vm) -> str:
+        """How ``vm`` started, for a person: ``shared-ram snapshot``, or the reason it
+        booted cold."""
+        ...
 
 
 class Vm:
@@ -449,6 +475,20 @@ class Vm:
         self.spec, self.nonce = spec, nonce
         self.machine = self._new_machine(spec, workdir, nonce, expected_boots)
         return self.machine
+
+    def adopt(self, machine: Machine) -> None:
+        """Put an already launched machine in place (a spare QEMU, handed over to this VM's
+        folder and nonce with :meth:`~harness.vm.machine.Machine.hand_over`)."""
+        if self.machine.launched and self.machine.poll() is None:
+            raise RuntimeError("adopt: the VM's QEMU is still running")
+        self.spec, self.nonce, self.machine = machine.spec, machine.nonce, machine
+
+    def switch_nonce(self, nonce: str) -> None:
+        """The guest's init took another nonce (a go line brought it): its markers come with
+        ``nonce`` from now on."""
+        self.nonce = self.machine.nonce = nonce
+        if self.machine.launched:
+            self.machine.console.recorder.nonce = nonce
 
     def _new_machine(
         self, spec: MachineSpec, workdir: Path, nonce: str, expected_boots: int
@@ -609,6 +649,13 @@ class Vm:
             self.start_plan.start(self)
         else:
             self.boot_cold()
+
+    def start_description(self) -> str:
+        """How this VM started: ``cold``, ``<mechanism> snapshot``, or why a snapshot it was
+        asked to start from was not used."""
+        if self.start_plan is None:
+            return self.boot_mechanism
+        return self.start_plan.describe(self)
 
     def boot_cold(self) -> None:
         """Launch QEMU from the firmware and wait for the kernel to start /init (the init's
@@ -795,8 +842,16 @@ class Vm:
         self.stop()
 
 
-def run(vm: Vm, *, kernel: Kernel, accel: str, wait_shutdown: bool = True) -> BootResult:
-    """Boot ``vm`` to its success marker and map what happened to one outcome.
+def run(
+    vm: Vm,
+    *,
+    kernel: Kernel,
+    accel: str,
+    wait_shutdown: bool = True,
+    cache_root: Path | None = None,
+) -> BootResult:
+    """Boot ``vm`` to its success marker and map what happened to one outcome (``cache_root``
+    keeps QEMU's version string between runs).
 
     Unknown exceptions are harness bugs: they propagate, QEMU is still stopped.
     """
@@ -819,8 +874,9 @@ def run(vm: Vm, *, kernel: Kernel, accel: str, wait_shutdown: bool = True) -> Bo
         message="" if error is None else error.message,
         marks=marks,
         log_path=vm.machine.console_log,
-        qemu_version=qemu_version(vm.spec.qemu),
+        qemu_version=qemu_version(vm.spec.qemu, cache_root=cache_root),
         error=error,
+        start=vm.start_description(),
         boot_path=vm.boot.path.name,
         boot_entry=vm.boot_entry,
         warnings=vm.warning_lines(),

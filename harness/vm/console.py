@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import InitVar, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pexpect
 import pexpect.fdpexpect
@@ -40,6 +42,7 @@ FAULT_GRACE = 0.5
 # (the panic after "VFS: Unable to mount root fs") wins, and the evidence gets what follows.
 FAILURE_GRACE = 1.0
 _POLL = 0.05
+READ_SIZE = 65536
 
 
 class ConsoleClosed(Exception):
@@ -165,36 +168,95 @@ def marker_regex(nonce: str, *events: str) -> re.Pattern[str]:
     )
 
 
+if TYPE_CHECKING:  # generic in the type stubs only
+    _FdSpawn = pexpect.fdpexpect.fdspawn[str]
+else:
+    _FdSpawn = pexpect.fdpexpect.fdspawn
+
+
+class ConsoleSpawn(_FdSpawn):
+    """pexpect over a console whose two directions are two descriptors (QEMU's stdout and
+    stdin pipes): reads from ``child_fd``, writes to ``sink_fd`` (the same one for a socket)."""
+
+    def __init__(self, source: int, sink: int, **options: Any) -> None:
+        super().__init__(source, **options)
+        self.sink_fd = sink
+
+    def send(self, s: str | bytes) -> int:
+        """Write all of ``s`` to the console's input; the number of bytes written."""
+        data = s.encode("utf-8") if isinstance(s, str) else s
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.sink_fd, view) :]
+        return len(data)
+
+    def close(self) -> None:
+        if self.sink_fd != self.child_fd and self.sink_fd != -1:
+            with contextlib.suppress(OSError):
+                os.close(self.sink_fd)
+        self.sink_fd = -1
+        super().close()
+
+
 class Console:
-    """The guest's first serial port, read and written through pexpect."""
+    """The guest's first serial port, read and written through pexpect.
+
+    ``source`` is what the guest prints (a pipe's read end, or a socket) and ``sink`` what it
+    reads (a pipe's write end; the source itself when omitted, for a socket). The console
+    owns both and closes them.
+    """
 
     def __init__(
         self,
-        sock: socket.socket,
+        source: socket.socket | int,
         recorder: ConsoleRecorder,
         *,
         log_path: Path,
+        sink: int | None = None,
         external_fault: Callable[[], str | None] = lambda: None,
         evidence: Callable[[], Evidence] = Evidence,
         symbolise: Callable[[str, int], str] = lambda text, offset: "",
     ) -> None:
-        self._sock = sock
+        self._socket = source if isinstance(source, socket.socket) else None
+        fd = source.fileno() if isinstance(source, socket.socket) else source
         self.recorder = recorder
         self.log_path = log_path
         self._external_fault = external_fault
         self._evidence = evidence
         # (console text, offset of the fault's line) -> the symbolised trace, or "".
         self._symbolise = symbolise
-        self.child = pexpect.fdpexpect.fdspawn(
-            sock, encoding="utf-8", codec_errors="replace", timeout=None
+        # Reads take whatever has arrived (up to 64 KiB), with no pause after each: the
+        # defaults (2000 bytes, then sleep 100 us) cost a wake-up per line of a boot log.
+        self.child = ConsoleSpawn(
+            fd,
+            fd if sink is None else sink,
+            encoding="utf-8",
+            codec_errors="replace",
+            timeout=None,
+            maxread=READ_SIZE,
         )
         self.child.delaybeforesend = None  # pexpect sleeps 50 ms before each send by default
+        self.child.delayafterread = None
         self.child.logfile_read = recorder
         self._closed = False  # the console reached end of file
 
     def reported_warnings(self) -> list[faults.Fault]:
         """The kernel warnings the policy lists (every warning not on the allowlist)."""
         return self.recorder.reported_warnings()
+
+    def take_recorder(
+        self, recorder: ConsoleRecorder, *, symbolise: Callable[[str, int], str]
+    ) -> None:
+        """Record into ``recorder`` from now on (a spare machine given to its VM, before
+        anything was read)."""
+        self.recorder = recorder
+        self.child.logfile_read = recorder
+        self._symbolise = symbolise
+
+    @property
+    def input_fd(self) -> int:
+        """The descriptor the guest reads from (for a terminal attached to the console)."""
+        return self.child.sink_fd
 
     def send(self, text: str) -> None:
         self.child.send(text)
@@ -359,8 +421,13 @@ class Console:
         )
 
     def close(self) -> None:
+        if self._socket is not None:  # the socket owns the one descriptor
+            self.child.child_fd = self.child.sink_fd = -1
+            with contextlib.suppress(OSError):
+                self._socket.close()
+            return
         with contextlib.suppress(OSError):
-            self._sock.close()
+            self.child.close()
 
 
 def describe(pattern: str | re.Pattern[str]) -> str:

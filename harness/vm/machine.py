@@ -1,15 +1,26 @@
 """One QEMU process: its command line, its start, and its certain end.
 
-QEMU starts paused (``-S``). QMP and the serial console are socket pairs created before
-QEMU starts and handed to it by file descriptor, so there is no socket path to wait for, no
-path-length limit, and nothing can connect to them but us; the console is attached before
-the guest runs its first instruction, so no early output can be lost.
+QEMU starts paused (``-S``). QMP is a socket pair and the serial console two pipes (QEMU's
+stdin and stdout), all created before QEMU starts and handed to it by file descriptor, so
+there is no socket path to wait for, no path-length limit, and nothing can connect to them
+but us; the console is attached before the guest runs its first instruction, so no early
+output can be lost.
+
+Why pipes for the console: QEMU writes the serial port one byte at a time. On a unix socket
+every byte is a message of its own with ~1 KiB of buffer accounting, so the socket is full
+after a few hundred bytes whenever the reader lags, and the guest's UART waits for us (a
+loaded machine measured ~1 s per 24 KB of kernel log, ~28% of a boot) while QEMU's
+``logfile=`` copy doubles and drops characters. A pipe holds bytes, not messages: the same
+24 KB cost ~0.05 s, and the log is intact.
 
 No QEMU may outlive the harness: QEMU runs in a session (process group) of its own, gets
 SIGKILL from the kernel when the harness dies (``PR_SET_PDEATHSIG``, even on SIGKILL of
 pytest), is adopted by the lifeline reaper (:mod:`harness.lifeline`: the kernel forgets the
 death signal when QEMU drops to another user), and :meth:`Machine.stop` escalates QMP quit
--> SIGTERM -> SIGKILL, each bounded.
+-> SIGTERM -> SIGKILL, each bounded. The death signal is set by util-linux's ``setpriv
+--pdeathsig`` exec'ing QEMU: a Python ``preexec_fn`` would do it too, but it forces a real
+``fork`` of the harness process (a pytest worker: ~45 ms for 150 MB under load, against ~3
+ms for the ``vfork`` Python uses otherwise). Without setpriv, the ``preexec_fn`` it is.
 
 QEMU confines itself (:mod:`harness.vm.sandbox`): seccomp on, and an unprivileged user when
 the harness runs as root.
@@ -19,9 +30,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -47,6 +60,8 @@ QMP_CONNECT_TIMEOUT = 10.0
 QUIT_GRACE = 2.0
 TERM_GRACE = 2.0
 KILL_GRACE = 5.0
+# QEMU runs ahead of a slow reader by this much console output before its UART waits.
+CONSOLE_PIPE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -68,8 +83,9 @@ class MachineSpec:
     qemu: str = "qemu-system-x86_64"
     sandbox: Sandbox = DEFAULT_SANDBOX  # seccomp, and whom QEMU runs as
 
-    def argv(self, *, qmp_fd: int, console_fd: int, console_log: Path) -> list[str]:
-        """The full QEMU command line, with the QMP and console descriptors given."""
+    def argv(self, *, qmp_fd: int, console_log: Path) -> list[str]:
+        """The full QEMU command line, with the QMP descriptor given; the serial console is
+        QEMU's stdin and stdout."""
         argv = [
             self.qemu,
             "-S",
@@ -97,7 +113,7 @@ class MachineSpec:
             "-mon",
             "chardev=qmp0,mode=control",
             "-chardev",
-            f"socket,id=ser0,fd={console_fd},logfile={console_log},logappend=off",
+            f"stdio,id=ser0,signal=off,logfile={console_log},logappend=off",
             "-serial",
             "chardev:ser0",
         ]
@@ -167,6 +183,7 @@ class Machine:
         self.started = 0.0
         self.process: subprocess.Popen[bytes] | None = None
         self._qmp: Qmp | None = None
+        self._qmp_socket: socket.socket | None = None  # between spawn() and connect()
         self._console: Console | None = None
         self.exit_status: int | None = None
 
@@ -194,8 +211,13 @@ class Machine:
 
     @property
     def launched(self) -> bool:
-        """True once QEMU was started (the console and QMP exist)."""
+        """True once QEMU was started (the console exists; QMP too after :meth:`launch`)."""
         return self._console is not None
+
+    @property
+    def ready(self) -> bool:
+        """True once QEMU was started and QMP connected."""
+        return self._qmp is not None
 
     def announce_boot(self) -> None:
         """One more kernel banner is expected (a reset on purpose): the fault scanner then
@@ -203,6 +225,46 @@ class Machine:
         self.expected_boots += 1
         if self._console is not None:
             self._console.recorder.scanner.expected_boots += 1
+
+    def hand_over(self, workdir: Path, like: Machine) -> None:
+        """Give a launched, still paused machine (a spare started ahead of need) to the VM
+        that will run it: its folder moves to ``workdir`` (which must not exist, or be an
+        empty folder, on the same file system; QEMU's open files move along) and it takes
+        the console settings of ``like``, the machine the VM made for itself (its nonce,
+        expected banners, verdict rows, warnings policy, stall limits); its clock restarts.
+        Nothing has been read from the console yet, so its recorder is simply made anew.
+
+        Raises:
+            OSError: the folder cannot be moved there.
+        """
+        if self._console is None:
+            raise RuntimeError("hand_over: the machine was not launched")
+        old = str(self.workdir)
+        os.replace(self.workdir, workdir)
+        self.workdir = workdir
+        self.argv = [arg.replace(old, str(workdir)) for arg in self.argv]
+        (workdir / "qemu.argv").write_text("\n".join(self.argv) + "\n")
+        self.nonce, self.expected_boots = like.nonce, like.expected_boots
+        self.failure_rows, self.kernel_phases = like.failure_rows, like.kernel_phases
+        self.watches, self.warnings = like.watches, like.warnings
+        self.symbolise, self.stalls = like.symbolise, like.stalls
+        self.started = time.monotonic()
+        self._console.take_recorder(self._new_recorder(), symbolise=self.symbolise)
+        self._console.log_path = self.console_log
+
+    def _new_recorder(self) -> ConsoleRecorder:
+        watcher = None
+        if self.failure_rows or self.kernel_phases:
+            watcher = LineWatcher(self.failure_rows, phases=self.kernel_phases)
+        return ConsoleRecorder(
+            self.started,
+            self.nonce,
+            self.expected_boots,
+            self.stalls,
+            watcher=watcher,
+            watches=self.watches,
+            policy=self.warnings,
+        )
 
     def launch(self) -> None:
         """Start QEMU paused and connect QMP and the console; the guest does not run yet.
@@ -212,58 +274,78 @@ class Machine:
             InfraError: QEMU exited at once (bad option, missing file), with its stderr,
                 or QMP did not come up.
         """
+        self.spawn()
+        self.connect()
+
+    def spawn(self) -> None:
+        """The first half of :meth:`launch`: start the QEMU process (and attach the console).
+
+        Call it from a thread that lives as long as the machine: the kernel sends QEMU its
+        death signal when the *thread* that started it ends, not only the process.
+
+        Raises:
+            MissingToolError: QEMU is not installed.
+        """
         qemu = tools.require(self.spec.qemu)
         self.workdir.mkdir(parents=True, exist_ok=True)
         qmp_ours, qmp_theirs = socket.socketpair()
-        console_ours, console_theirs = socket.socketpair()
-        argv = self.spec.argv(
-            qmp_fd=qmp_theirs.fileno(),
-            console_fd=console_theirs.fileno(),
-            console_log=self.console_log,
-        )
+        output_ours, output_theirs = os.pipe()  # the guest's console -> us
+        input_theirs, input_ours = os.pipe()  # us -> the guest's console
+        with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size: keep 64 KiB
+            fcntl.fcntl(output_ours, fcntl.F_SETPIPE_SZ, CONSOLE_PIPE_BYTES)
+        argv = self.spec.argv(qmp_fd=qmp_theirs.fileno(), console_log=self.console_log)
         argv[0] = qemu
         self.argv = argv
+        setpriv = shutil.which("setpriv")
+        prefix = [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
         log.info("starting %s", " ".join(argv))
         with self.stderr_path.open("wb") as stderr:
             self.started = time.monotonic()
             try:
                 self.process = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=stderr,
+                    [*prefix, *argv],
+                    stdin=input_theirs,
+                    stdout=output_theirs,
                     stderr=stderr,
-                    pass_fds=(qmp_theirs.fileno(), console_theirs.fileno()),
+                    pass_fds=(qmp_theirs.fileno(),),
                     start_new_session=True,
-                    preexec_fn=lifeline.die_with_parent(),
+                    preexec_fn=None if prefix else lifeline.die_with_parent(),
                     cwd=self.workdir,
                 )
+            except BaseException:
+                for fd in (output_ours, input_ours):
+                    os.close(fd)
+                raise
             finally:
                 qmp_theirs.close()
-                console_theirs.close()
+                os.close(input_theirs)
+                os.close(output_theirs)
         lifeline.adopt(self.process.pid)
         _LIVE.add(self)
         (self.workdir / "qemu.pid").write_text(f"{self.process.pid}\n")
         (self.workdir / "qemu.argv").write_text("\n".join(argv) + "\n")
-        watcher = None
-        if self.failure_rows or self.kernel_phases:
-            watcher = LineWatcher(self.failure_rows, phases=self.kernel_phases)
-        recorder = ConsoleRecorder(
-            self.started,
-            self.nonce,
-            self.expected_boots,
-            self.stalls,
-            watcher=watcher,
-            watches=self.watches,
-            policy=self.warnings,
-        )
         self._console = Console(
-            console_ours,
-            recorder,
+            output_ours,
+            self._new_recorder(),
+            sink=input_ours,
             log_path=self.console_log,
             external_fault=self._qmp_panic,
             evidence=self.evidence,
             symbolise=self.symbolise,
         )
+        self._qmp_socket = qmp_ours
+
+    def connect(self) -> None:
+        """The second half of :meth:`launch`: wait for QEMU's QMP greeting and negotiate
+        (any thread may do this).
+
+        Raises:
+            InfraError: QEMU exited at once (bad option, missing file), with its stderr,
+                or QMP did not come up.
+        """
+        qmp_ours = self._qmp_socket
+        assert qmp_ours is not None, "connect() before spawn()"
+        self._qmp_socket = None
         try:
             self._qmp = Qmp(qmp_ours, timeout=QMP_CONNECT_TIMEOUT, log_path=self.qmp_log)
         except QmpError as error:
@@ -366,6 +448,9 @@ class Machine:
             lifeline.release(self.process.pid)
         if self._qmp is not None:
             self._qmp.close()
+        if self._qmp_socket is not None:  # spawned, never connected
+            self._qmp_socket.close()
+            self._qmp_socket = None
         if self._console is not None:
             self._console.close()
         _LIVE.discard(self)

@@ -27,13 +27,18 @@ CI setup creates it); ``nobody``. ``uid:gid`` pairs need no account.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
+
+from harness.cache import cache_root, digest, file_identity, recall, remember
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +120,26 @@ class QemuFeatures:
 
 @functools.cache
 def qemu_features(qemu: str) -> QemuFeatures:
-    """Read ``qemu -help`` once per binary (QEMU without seccomp support lacks ``-sandbox``)."""
+    """Read ``qemu -help`` once per binary (QEMU without seccomp support lacks ``-sandbox``),
+    kept as a record in the cache while the binary is unchanged: a process start and its
+    parsing in every ``bootharness boot`` otherwise."""
+    path = shutil.which(qemu)
+    if path is None:
+        return _read_features(qemu)
+    record = cache_root() / "qemu" / f"features-{digest([path])[:16]}.json"
+    known = recall(record, path)
+    if isinstance(known, dict):
+        return QemuFeatures(bool(known.get("seccomp")), bool(known.get("run_with_user")))
+    try:
+        before = file_identity(Path(path))
+    except OSError:
+        return _read_features(qemu)
+    features = _read_features(path)
+    remember(record, path, dataclasses.asdict(features), [before])
+    return features
+
+
+def _read_features(qemu: str) -> QemuFeatures:
     try:
         text = subprocess.run(
             [qemu, "-help"], capture_output=True, text=True, check=False, timeout=30
