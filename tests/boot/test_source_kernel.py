@@ -405,7 +405,9 @@ def test_git_bisect_run_names_the_commit_that_broke_the_boot(
     repo = tmp_path / "linux"
     subprocess.run(["cp", "-a", str(tree), str(repo)], check=True)
     git(repo, "init", "-q")
-    git(repo, "add", "-A")
+    # --force: Debian's packaging appends "/*" (ignore everything at the top) to the tree's
+    # .gitignore, so a plain `git add -A` adds nothing.
+    git(repo, "add", "-A", "--force")
     git(repo, "commit", "-qm", "linux-source-6.1")
     good = git(repo, "rev-parse", "HEAD").strip()
     banner = 'pr_notice("Kernel command line: %s\\n", saved_command_line);'
