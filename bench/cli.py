@@ -43,7 +43,7 @@ NONCE = "0123456789abcdef"
 SCRIPT = """#!/bin/sh
 # The boot `bootharness boot --run true` does, written by hand.
 log=$(mktemp)
-{qemu} -machine pc -accel tcg -m 512 -smp 1 -display none -no-reboot -nodefaults \\
+{qemu} -machine pc -accel tcg -m 512 -smp 1 -display none -no-reboot -nodefaults {bios}\\
   -device pvpanic -serial file:"$log" </dev/null \\
   -kernel {kernel} -initrd {initrd} -append {cmdline}
 grep -q '^\\[bootharness:{nonce}\\] PASS' "$log"; status=$?
@@ -78,6 +78,7 @@ def write_script(folder: Path, argv_file: Path) -> Path:
     script.write_text(
         SCRIPT.format(
             qemu=shlex.quote(argv[0]),
+            bios=f"-bios {shlex.quote(value['-bios'])} " if "-bios" in value else "",
             kernel=shlex.quote(value["-kernel"]),
             initrd=shlex.quote(value["-initrd"]),
             cmdline=shlex.quote(" ".join(words)),

@@ -54,6 +54,7 @@ _SPEC_FIELDS = (
     "devices",
     "extra_args",
     "qemu",
+    "firmware",
 )
 
 
@@ -312,4 +313,6 @@ def _link_or_copy(source: Path, target: Path) -> None:
 def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [str(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
     return value

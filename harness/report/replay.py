@@ -82,6 +82,8 @@ def prepare(
         fresh = _overlay(bundle.base_image(ref), ref, workdir, notes)
         extra = _swap_file(extra, ref.file, str(fresh))
     machine["extra_args"] = tuple(extra)
+    if machine.get("firmware"):
+        machine["firmware"] = Path(machine["firmware"])
     if accel is not None:
         machine["accel"] = accel
     spec = MachineSpec(kernel=image, initrd=bundle.initramfs, **machine)

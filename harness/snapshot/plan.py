@@ -233,6 +233,7 @@ def _machine_fields(spec: MachineSpec) -> dict[str, Any]:
         "devices": list(spec.devices),
         "extra_args": list(spec.extra_args),
         "qemu": spec.qemu,
+        "firmware": str(spec.firmware or ""),
     }
 
 

@@ -322,10 +322,15 @@ def machine_spec(
     **options: Any,
 ) -> MachineSpec:
     """The fast-defaults machine for ``kernel``: vmlinux through PVH when it has the entry,
-    and under TCG a guest clock that the host's load cannot miscalibrate (:mod:`.clock`)."""
-    image = (kernel.vmlinux() if prefer_vmlinux else None) or kernel.vmlinuz
+    started by qboot rather than SeaBIOS when QEMU has it (:func:`firmware.qboot`; a
+    ``firmware`` option, even None, chooses otherwise), and under TCG a guest clock that the
+    host's load cannot miscalibrate (:mod:`.clock`)."""
+    pvh = kernel.vmlinux() if prefer_vmlinux else None
+    image = pvh or kernel.vmlinuz
     initrd = initramfs.path if isinstance(initramfs, Initramfs) else initramfs
     line = full_cmdline(kernel, nonce, cmdline, accel)
+    if pvh is not None and "firmware" not in options:
+        options["firmware"] = firmware.qboot()
     return MachineSpec(kernel=image, initrd=initrd, cmdline=line, accel=accel, **options)
 
 

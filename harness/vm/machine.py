@@ -82,6 +82,7 @@ class MachineSpec:
     extra_args: Sequence[str] = ()  # anything else, appended verbatim
     qemu: str = "qemu-system-x86_64"
     sandbox: Sandbox = DEFAULT_SANDBOX  # seccomp, and whom QEMU runs as
+    firmware: Path | None = None  # -bios FILE; None: QEMU's default (SeaBIOS)
 
     def argv(self, *, qmp_fd: int, console_log: Path) -> list[str]:
         """The full QEMU command line, with the QMP descriptor given; the serial console is
@@ -106,6 +107,8 @@ class MachineSpec:
         ]
         if self.nodefaults:
             argv.append("-nodefaults")
+        if self.firmware is not None:
+            argv += ["-bios", str(self.firmware)]
         argv += self.sandbox.args(self.qemu)
         argv += [
             "-chardev",
