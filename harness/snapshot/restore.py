@@ -560,6 +560,11 @@ def plan_from_record(
     if kernel_image is not None and kernel_image == kernel.vmlinuz:
         options["prefer_vmlinux"] = False  # the kernel is known by the very image to boot
     parts = {**record["key_parts"]}
+    # The snapshot's firmware, as its key holds it: a kernel known by its image alone does
+    # not say it boots through PVH, which is what chose qboot.
+    firmware = json.loads(parts.get("machine", "{}")).get("firmware")
+    if firmware is not None:
+        options.setdefault("firmware", Path(firmware) if firmware else None)
     qemu = str(options.get("qemu", MachineSpec.__dataclass_fields__["qemu"].default))
     parts["qemu"] = qemu_identity(qemu, cache_root=cache_root)
     initramfs = Initramfs(image, str(record["image_digest"]), False, (), "")

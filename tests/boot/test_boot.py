@@ -9,6 +9,7 @@ import pytest
 
 from harness.kernel.provision import Kernel
 from harness.outcome import BootTimeout, ConfigError, InfraError, KernelFault, Outcome, TestFailure
+from harness.storage import firmware
 from harness.vm import boot as boot_module
 from harness.vm.deadlines import Deadlines
 from harness.vm.machine import MachineSpec
@@ -63,6 +64,27 @@ def test_sysrq_crash_is_kernel_fault_from_the_console(boot) -> None:
         e.name for e in vm.qmp.events
     ]
     assert "Kernel panic" in caught.value.evidence.excerpt
+
+
+def test_pvh_boots_start_from_qboot_and_keep_pvpanic_and_the_full_log(boot) -> None:
+    """qboot is the fast firmware of PVH boots; it must still hand the kernel ACPI (pvpanic
+    is found through it) and lose none of the log."""
+    qboot = firmware.qboot()
+    assert qboot is not None, "qemu-system-data installs /usr/share/qemu/qboot.rom"
+    vm = boot(variables={"commands": ["echo c > /proc/sysrq-trigger", "sleep 30"]})
+    argv = vm.machine.argv
+    assert argv[argv.index("-bios") + 1] == str(qboot)
+    with pytest.raises(KernelFault):
+        vm.expect_pass()
+    assert vm.qmp.wait_event(["GUEST_PANICKED"], time.monotonic() + 2.0) is not None
+    log = vm.machine.console_log.read_text()
+    assert log.count("Linux version") == 1 and "ACPI: Interpreter enabled" in log
+
+
+def test_a_firmware_option_of_none_boots_through_seabios(boot) -> None:
+    vm = boot(firmware=None)
+    vm.expect_pass()
+    assert "-bios" not in vm.machine.argv
 
 
 def test_init_that_sleeps_forever_is_boot_timeout_at_its_deadline(boot) -> None:
