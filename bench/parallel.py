@@ -33,6 +33,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# As at a person's terminal: bytecode kept (some CI images set PYTHONDONTWRITEBYTECODE, which
+# makes every pytest process compile the whole package again, -n 2 three times over).
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 TEST = """
 import pytest
 
@@ -65,7 +68,7 @@ def run(folder: Path, workers: int | str, boots: int) -> tuple[float, float, flo
         "test_parallel.py",
     ]
     started = time.monotonic()
-    done = subprocess.run(argv, cwd=folder, capture_output=True, text=True, check=False)
+    done = subprocess.run(argv, cwd=folder, capture_output=True, text=True, check=False, env=ENV)
     wall = time.monotonic() - started
     if done.returncode != 0:
         sys.exit(f"pytest -n {workers} failed:\n{done.stdout}\n{done.stderr}")

@@ -443,12 +443,13 @@ class SnapshotStart:
             f"restored from {snapshot.path} ({snapshot.mechanism})\n"
             f"the boot up to the ready point: {snapshot.path / BOOT_LOG}\n"
         )
-        if not machine.launched:
+        if taken is None:
             machine.launch()
+            incoming(machine, snapshot, time.monotonic() + vm.deadlines.of("firmware"))
+            machine.resume()
+        # (A spare was loaded, resumed and warmed up ahead of need: harness.snapshot.spare.)
         recorder = machine.console.recorder
-        incoming(machine, snapshot, time.monotonic() + vm.deadlines.of("firmware"))
         recorder.marks.append(Mark("restored", time.monotonic() - recorder.started))
-        machine.resume()
         # Sent only now: a byte the serial port took in before the load would be lost.
         machine.console.send(go_line(nonce, plan.rest) + rest_message(plan.rest))
         vm.boot_mechanism = snapshot.mechanism

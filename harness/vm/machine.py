@@ -230,12 +230,13 @@ class Machine:
             self._console.recorder.scanner.expected_boots += 1
 
     def hand_over(self, workdir: Path, like: Machine) -> None:
-        """Give a launched, still paused machine (a spare started ahead of need) to the VM
-        that will run it: its folder moves to ``workdir`` (which must not exist, or be an
-        empty folder, on the same file system; QEMU's open files move along) and it takes
-        the console settings of ``like``, the machine the VM made for itself (its nonce,
-        expected banners, verdict rows, warnings policy, stall limits); its clock restarts.
-        Nothing has been read from the console yet, so its recorder is simply made anew.
+        """Give a launched machine (a spare started ahead of need) to the VM that will run
+        it: its folder moves to ``workdir`` (which must not exist, or be an empty folder, on
+        the same file system; QEMU's open files move along) and it takes the console
+        settings of ``like``, the machine the VM made for itself (its nonce, expected
+        banners, verdict rows, warnings policy, stall limits); its clock restarts. What was
+        read from the console before (a spare's warm-up, under the snapshot's ready nonce)
+        stays in the console log, and the recorder starts anew.
 
         Raises:
             OSError: the folder cannot be moved there.

@@ -132,6 +132,13 @@ def test_a_second_restore_takes_the_spare_of_the_first(
         # The spare's files moved into this VM's folder: the evidence is where it belongs.
         log = (workdir / "restored" / "console.log").read_text()
         assert f"RUN 1\n{word}" in log.replace("\r", "") and f"[bootharness:{vm.nonce}] PASS" in log
+        # A spare was loaded and warmed up before it was taken: its guest said WARMED under
+        # the snapshot's ready nonce, before this test's nonce ever reached it.
+        assert plan.snapshot is not None
+        warmed = f"[bootharness:{plan.snapshot.ready_nonce}] WARMED"
+        assert (warmed in log) == (n > 0), log[:300]
+        if n > 0:
+            assert log.index(warmed) < log.index(f"[bootharness:{vm.nonce}] RESUMED")
 
 
 def test_a_dead_spare_is_not_used_and_the_snapshot_stays(
@@ -150,6 +157,32 @@ def test_a_dead_spare_is_not_used_and_the_snapshot_stays(
         assert vm.boot_mechanism in store.MECHANISMS and not plan.from_spare
         assert plan.snapshot is not None and plan.snapshot.path.exists()
         vm.expect_pass()
+
+
+def test_an_init_without_the_warm_up_loop_restores_without_spares(
+    kernel: Kernel, private_cache: Path, tmp_path: Path, spares: Path
+) -> None:
+    """A user's template from before the warm-up reads WARM as a bad go line: that spare
+    fails, is not used, and each restore starts its own QEMU (the snapshot stays)."""
+    own = tmp_path / "templates"
+    own.mkdir()
+    shipped = (REPO / "initrd_templates" / "init.sh.j2").read_text()
+    loop = shipped[shipped.index("while read -r go_word") : shipped.index('[ "$go_word" = GO ]')]
+    read = 'read -r go_word go_nonce go_epoch go_seed go_random go_size || fail "no go line"\n'
+    (own / "init.sh.j2").write_text(shipped.replace(loop, read))
+    for n, word in enumerate(("one", "two")):
+        spec = InitramfsSpec(variables={"commands": [f"echo {word}"]}, template_dirs=(own,))
+        request = BootRequest(kernel, spec)
+        workdir = tmp_path / f"vm{n}"
+        with restore.prepare_vm(
+            request, cache_root=private_cache, workdir=workdir, spares=spares
+        ) as vm:
+            vm.start()
+            plan = vm.start_plan
+            assert isinstance(plan, restore.SnapshotStart)
+            assert vm.boot_mechanism in store.MECHANISMS and not plan.from_spare
+            assert plan.snapshot is not None and plan.snapshot.path.exists()
+            vm.expect_pass()
 
 
 def test_bisect_steps_that_differ_in_commands_share_one_snapshot(
