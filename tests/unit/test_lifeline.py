@@ -87,6 +87,10 @@ def test_a_guarded_child_and_its_own_children_die_with_a_sigkilled_parent(tag: s
         tag,
     )
     wait_ready(parent)
+    # sh forks the sleep on its own time, after start_guarded has returned.
+    deadline = time.monotonic() + 10.0
+    while len(with_tag(tag)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert len(with_tag(tag)) == 2  # sh and sleep
     parent.send_signal(signal.SIGKILL)
     parent.wait()
