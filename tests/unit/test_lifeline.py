@@ -14,7 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -72,6 +72,17 @@ def harness(script: str, tag: str) -> subprocess.Popen[str]:
     )
 
 
+def settled(condition: Callable[[], bool], wait: float = 10.0) -> bool:
+    """Whether ``condition`` holds within ``wait`` seconds (what a child process does
+    after the harness returned happens on its own time)."""
+    deadline = time.monotonic() + wait
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def wait_ready(process: subprocess.Popen[str]) -> None:
     assert process.stdout is not None
     assert process.stdout.readline().strip() == "ready", "the harness process did not start"
@@ -88,10 +99,7 @@ def test_a_guarded_child_and_its_own_children_die_with_a_sigkilled_parent(tag: s
     )
     wait_ready(parent)
     # sh forks the sleep on its own time, after start_guarded has returned.
-    deadline = time.monotonic() + 10.0
-    while len(with_tag(tag)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert len(with_tag(tag)) == 2  # sh and sleep
+    assert settled(lambda: len(with_tag(tag)) == 2)  # sh and sleep
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     assert gone_within(tag, 3.0) == []
@@ -115,7 +123,15 @@ def test_a_child_that_changed_its_user_still_dies_with_its_parent(tag: str) -> N
     )
     wait_ready(parent)
     (pid,) = with_tag(tag)
-    assert Path(f"/proc/{pid}/status").read_text().count("\t65534") >= 4  # Uid: nobody
+
+    def runs_as_nobody() -> bool:  # setpriv changes its user, then execs sleep
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return False
+        return status.startswith("Name:\tsleep") and status.count("\t65534") >= 4
+
+    assert settled(runs_as_nobody)
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     assert gone_within(tag, 3.0) == []
