@@ -62,8 +62,7 @@ log = logging.getLogger(__name__)
 # cryptomgr.notests says (0.1 s of 1.9 under TCG, measured with initcall_debug; an initcall a
 # kernel does not have is ignored).
 BASE_CMDLINE = (
-    "console=ttyS0 printk.time=1 panic=-1 cryptomgr.notests "
-    "initcall_blacklist=crypto_kdf108_init"
+    "console=ttyS0 printk.time=1 panic=-1 cryptomgr.notests initcall_blacklist=crypto_kdf108_init"
 )
 NONCE_PARAMETER = "bootharness.nonce"
 
