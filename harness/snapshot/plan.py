@@ -43,7 +43,7 @@ from harness.image.initramfs import Initramfs, InitramfsSpec, module_path, rende
 from harness.image.initramfs import build as build_initramfs
 from harness.kernel.provision import Kernel
 from harness.snapshot.errors import SnapshotUnsupported
-from harness.snapshot.store import FORMAT, content_digest, file_identity
+from harness.snapshot.store import FORMAT, Snapshot, content_digest, file_identity
 from harness.storage.attach import Storage
 from harness.vm import clock
 from harness.vm.boot import NONCE_PARAMETER, machine_spec, qemu_version, with_harness_modules
@@ -74,6 +74,17 @@ class Plan:
     def entry(self, cache_root: Path, mechanism: str) -> Path:
         """Where the snapshot of this plan made with ``mechanism`` lives in the cache."""
         return cache_root / "snapshots" / f"{self.key[:32]}-{mechanism}"
+
+    def restore_machine(self, workdir: Path, snapshot: Snapshot) -> MachineSpec:
+        """The machine that loads ``snapshot`` (its saved RAM mapped copy-on-write)."""
+        return self.machine(
+            workdir,
+            ready_nonce=snapshot.ready_nonce,
+            mechanism=snapshot.mechanism,
+            ram=snapshot.ram_file,
+            share=False,
+            incoming=True,
+        )
 
     def machine(
         self,

@@ -184,18 +184,11 @@ def create(plan: Plan, mechanism: str, target: Path, creation: Creation) -> None
 
 def _probe(plan: Plan, target: Path, mechanism: str, ready_nonce: str, creation: Creation) -> None:
     """Restore the new snapshot once, and check that the saved RAM was not written."""
-    ram = target / RAM_FILE if mechanism == "shared-ram" else None
+    snapshot = Snapshot(target, mechanism, ready_nonce, {"files": {}}, ("", 0, 0, 0, 0, 0))
+    ram = snapshot.ram_file
     before = file_identity(ram)[3:] if ram is not None else None
     probe_dir = creation.workdir / f"snapshot-probe-{mechanism}"
-    spec = plan.machine(
-        probe_dir,
-        ready_nonce=ready_nonce,
-        mechanism=mechanism,
-        ram=ram,
-        share=False,
-        incoming=True,
-    )
-    snapshot = Snapshot(target, mechanism, ready_nonce, {"files": {}}, ("", 0, 0, 0, 0, 0))
+    spec = plan.restore_machine(probe_dir, snapshot)
     machine = Machine(spec, probe_dir, nonce=new_nonce(), expected_boots=0)
     try:
         machine.launch()
@@ -421,14 +414,7 @@ class SnapshotStart:
         nonce = new_nonce()
         # No banner is expected after a restore: one would be an unexpected reboot.
         expected_boots = max(self.request.expected_boots - 1, 0)
-        spec = plan.machine(
-            workdir,
-            ready_nonce=snapshot.ready_nonce,
-            mechanism=snapshot.mechanism,
-            ram=snapshot.ram_file,
-            share=False,
-            incoming=True,
-        )
+        spec = plan.restore_machine(workdir, snapshot)
         machine = vm.use_machine(spec, workdir, nonce=nonce, expected_boots=expected_boots)
         taken = None
         if self.spares is not None and spares:

@@ -81,14 +81,7 @@ def prepare(plan: Plan, snapshot: Snapshot, near: Path) -> None:
         _discard_locked()
         near.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix=".spare-", dir=near))
-        spec = plan.machine(
-            folder,
-            ready_nonce=snapshot.ready_nonce,
-            mechanism=snapshot.mechanism,
-            ram=snapshot.ram_file,
-            share=False,
-            incoming=True,
-        )
+        spec = plan.restore_machine(folder, snapshot)
         machine = Machine(spec, folder, nonce="", expected_boots=0)
         # Started here, connected in the background: QEMU's death signal comes when the
         # thread that started it ends, so that must be this long-lived one.

@@ -21,12 +21,15 @@ def git_tree(path: Path) -> Path:
     (path / "kernel" / "configs").mkdir(parents=True)
     (path / "kernel" / "configs" / "tiny.config").write_text("CONFIG_EMBEDDED=y\n")
     subprocess.run(["git", "-C", str(path), "init", "-q"], check=True)
-    subprocess.run(["git", "-C", str(path), "add", "-A"], check=True)
-    subprocess.run(
-        ["git", "-C", str(path), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "1"],
-        check=True,
-    )
+    commit_all(path, "1")
     return path
+
+
+def commit_all(tree: Path, message: str) -> None:
+    """Commit every change in ``tree`` (new files too)."""
+    subprocess.run(["git", "-C", str(tree), "add", "-A"], check=True)
+    identity = ["-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "-C", str(tree), *identity, "commit", "-qm", message], check=True)
 
 
 def test_keys_follow_tree_state_config_and_fragments(tmp_path: Path) -> None:
@@ -131,21 +134,7 @@ bzImage:
 def fake_kernel_tree(path: Path) -> Path:
     tree = git_tree(path)
     (tree / "Makefile").write_text(FAKE_KBUILD)
-    subprocess.run(
-        [
-            "git",
-            "-C",
-            str(tree),
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@t",
-            "commit",
-            "-qam",
-            "2",
-        ],
-        check=True,
-    )
+    commit_all(tree, "2")
     return tree
 
 
@@ -189,21 +178,7 @@ def test_a_failure_while_the_tree_changed_is_not_remembered(tmp_path: Path) -> N
     makefile.write_text(
         makefile.read_text().replace("\t@exit 2\n", "\t@echo edit >> $(CURDIR)/init.c\n\t@exit 2\n")
     )
-    subprocess.run(
-        [
-            "git",
-            "-C",
-            str(tree),
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@t",
-            "commit",
-            "-qam",
-            "3",
-        ],
-        check=True,
-    )
+    commit_all(tree, "3")
     plan = source.plan(SourceTree(tree=tree, config="defconfig"), tmp_path / "c", progress=False)
     with pytest.raises(source.BuildError):
         source.build("fake", plan, progress=False)
