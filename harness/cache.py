@@ -27,7 +27,6 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -149,7 +148,7 @@ def discard(target: Path) -> None:
     """Take ``target`` (and its manifest) out of the cache at once: renamed away, then
     deleted. Call it holding the entry's lock; a process that has its files open keeps them."""
     sidecar = target.with_name(target.name + manifest.SIDECAR_SUFFIX)
-    trash = target.with_name(f".discarded-{target.name}-{uuid.uuid4().hex[:8]}")
+    trash = target.with_name(f".discarded-{target.name}-{os.urandom(4).hex()}")
     if sidecar.exists():
         sidecar.unlink()
     if _exists(target):

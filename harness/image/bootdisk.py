@@ -32,11 +32,15 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import jinja2
-
-from harness import cache, tools
+from harness import cache, lazyimport, tools
 from harness.outcome import ConfigError, InfraError, MissingToolError
+
+if TYPE_CHECKING:
+    import jinja2
+else:  # only a boot disk built afresh renders its GRUB configuration
+    jinja2 = lazyimport.module("jinja2")
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,15 @@ import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jinja2
-
-from harness import tools
+from harness import lazyimport, tools
 from harness.outcome import ConfigError
+
+if TYPE_CHECKING:
+    import jinja2
+else:  # only rendering needs it: a warm boot reads a template's declarations, renders nothing
+    jinja2 = lazyimport.module("jinja2")
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +78,16 @@ def template_dirs(extra: Sequence[Path] = ()) -> list[Path]:
     return dirs
 
 
-def environment(extra_dirs: Sequence[Path] = ()) -> jinja2.Environment:
-    """The Jinja2 environment: strict undefined, auto shell-quoting, filters q/words/raw."""
+def check_folders(extra_dirs: Sequence[Path]) -> None:
+    """Raises TemplateError when a template folder the caller named does not exist."""
     for folder in extra_dirs:
         if not Path(folder).is_dir():
             raise TemplateError(f"template folder {folder} does not exist")
+
+
+def environment(extra_dirs: Sequence[Path] = ()) -> jinja2.Environment:
+    """The Jinja2 environment: strict undefined, auto shell-quoting, filters q/words/raw."""
+    check_folders(extra_dirs)
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader([str(d) for d in template_dirs(extra_dirs)]),
         undefined=jinja2.StrictUndefined,
@@ -141,13 +149,7 @@ def declarations(template: str, *, extra_dirs: Sequence[Path] = ()) -> dict[str,
     Raises:
         TemplateError: the template cannot be found, or a declaration is not key=value.
     """
-    env = environment(extra_dirs)
-    assert env.loader is not None
-    try:
-        source = env.loader.get_source(env, template)[0]
-    except jinja2.TemplateNotFound:
-        searched = ", ".join(str(d) for d in template_dirs(extra_dirs))
-        raise TemplateError(f"init template {template!r} not found in: {searched}") from None
+    source = template_source(template, extra_dirs=extra_dirs)
     settings: dict[str, str] = {}
     for match in _DECLARATION.finditer(source):
         for word in match.group("body").split():
@@ -159,6 +161,25 @@ def declarations(template: str, *, extra_dirs: Sequence[Path] = ()) -> dict[str,
                 )
             settings[key] = value
     return settings
+
+
+def template_source(template: str, *, extra_dirs: Sequence[Path] = ()) -> str:
+    """The source of ``template`` from the first folder that has it, as the renderer's loader
+    finds it (``/``-separated, no ``..``), read without Jinja2.
+
+    Raises:
+        TemplateError: a named folder does not exist, or no folder has the template.
+    """
+    check_folders(extra_dirs)
+    folders = template_dirs(extra_dirs)
+    pieces = [piece for piece in template.split("/") if piece and piece != "."]
+    if all(piece != ".." and os.path.sep not in piece for piece in pieces):
+        for folder in folders:
+            path = folder.joinpath(*pieces)
+            if pieces and path.is_file():
+                return path.read_text(encoding="utf-8")
+    searched = ", ".join(str(d) for d in folders)
+    raise TemplateError(f"init template {template!r} not found in: {searched}")
 
 
 def prints_markers(template: str, *, extra_dirs: Sequence[Path] = ()) -> bool:

@@ -30,7 +30,6 @@ Everything is checked when the file is loaded, and every problem is reported at 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import logging
 import os
@@ -39,9 +38,15 @@ import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
+from harness import lazyimport
 from harness.outcome import ConfigError
+
+if TYPE_CHECKING:
+    import difflib
+else:  # only the "did you mean" of an error message uses it
+    difflib = lazyimport.module("difflib")
 
 log = logging.getLogger(__name__)
 

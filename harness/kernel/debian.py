@@ -17,7 +17,6 @@ apt's own line is attached to each.
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import re
@@ -25,11 +24,16 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from harness import cache, tools
+from harness import cache, lazyimport, tools
 from harness.kernel.catalogue import KernelEntry
 from harness.outcome import ConfigError, Evidence, InfraError
+
+if TYPE_CHECKING:
+    import difflib
+else:  # only the "did you mean" of an error message uses it
+    difflib = lazyimport.module("difflib")
 
 log = logging.getLogger(__name__)
 

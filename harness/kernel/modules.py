@@ -27,7 +27,6 @@ depmod writes one line per ``MODULE_SOFTDEP``; every line is honoured here.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import gzip
 import itertools
@@ -39,9 +38,16 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from harness import lazyimport
 from harness.outcome import ConfigError
 from harness.tools import require
+
+if TYPE_CHECKING:
+    import difflib
+else:  # only the "did you mean" of an error message uses it
+    difflib = lazyimport.module("difflib")
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,7 +135,7 @@ def discard(path: Path, reason: str, *, only: Snapshot | None = None) -> bool:
             except OSError:
                 pass  # no manifest any more: not a usable snapshot either way
         # Rename first: the entry disappears at once, and nothing is left half-removed.
-        trash = path.parent / f".discarded-{path.name}-{uuid.uuid4().hex[:8]}"
+        trash = path.parent / f".discarded-{path.name}-{os.urandom(4).hex()}"
         os.replace(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
     log.warning("discarded snapshot %s: %s", path, reason)

@@ -86,6 +86,12 @@ def test_a_boot_from_the_command_line_loads_only_what_it_uses(
     never = ("pytest", "_pytest", "harness.report", "harness.plugin", "harness.bisect")
     assert [m for m in modules if m.startswith(never)] == []
     assert "outcome:  PASS" in out and "start:    cold" in out
+    # The same boot again hits every cache: nothing to render, so no template engine.
+    again, out = cli(private_cache, tmp_path / "again", "--run", "true")
+    assert again["code"] == 0, out
+    assert isinstance(again["modules"], list)
+    assert [m for m in again["modules"] if m.startswith(("jinja2", *never))] == []
+    assert "outcome:  PASS" in out
 
 
 def test_boot_snapshot_makes_then_uses_the_snapshot(private_cache: Path, tmp_path: Path) -> None:

@@ -18,7 +18,14 @@ with contextlib.redirect_stdout(io.StringIO()):
     main(sys.argv[1:])
 print(json.dumps(sorted(sys.modules)))
 """
-NEVER_FOR_BOOT = ("pytest", "_pytest", "harness.report", "harness.plugin", "harness.bisect")
+NEVER_FOR_BOOT = (
+    "pytest",
+    "_pytest",
+    "harness.report",
+    "harness.plugin",
+    "harness.bisect",
+    "jinja2",
+)
 
 
 def loaded(*args: str) -> list[str]:

@@ -18,7 +18,17 @@ PACKAGE = Path(__file__).resolve().parents[2] / "harness"
 
 # The path of one boot. A module may import from its own layer and the layers before it.
 LAYERS = (
-    ("outcome", "tools", "cache", "cachefs", "manifest", "compression", "lifeline", "upkeep"),
+    (
+        "outcome",
+        "tools",
+        "cache",
+        "cachefs",
+        "manifest",
+        "compression",
+        "lifeline",
+        "upkeep",
+        "lazyimport",
+    ),
     ("kernel",),
     ("image",),
     ("storage",),

@@ -58,8 +58,8 @@ def busybox() -> str:
 
 
 def write_template(folder: Path, name: str, text: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return folder
 
@@ -305,6 +305,29 @@ def test_env_folders_are_searched_in_order(tmp_path: Path, monkeypatch: pytest.M
     )
 
 
+def test_declarations_read_the_template_the_renderer_would_render(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A warm boot reads a template's declarations without Jinja2: same folders, same order,
+    same refusals as the renderer's loader."""
+    first = write_template(tmp_path / "first", "sub/x.sh.j2", "{# bootharness: markers=off #}\n")
+    second = write_template(tmp_path / "second", "sub/x.sh.j2", "echo second\n")
+    monkeypatch.setenv(templates.TEMPLATES_ENV, f"{first}:{second}")
+    for name in ("sub/x.sh.j2", "./sub//x.sh.j2"):
+        assert templates.template_source(name) == (first / "sub/x.sh.j2").read_text()
+        assert render(name, {}) == ""  # the renderer took the first folder's too
+        assert templates.prints_markers(name) is False
+    shipped_source = (templates.BUILTIN_TEMPLATES / templates.DEFAULT_TEMPLATE).read_text()
+    assert templates.template_source(templates.DEFAULT_TEMPLATE) == shipped_source
+    for refused in ("../first/sub/x.sh.j2", "sub/../sub/x.sh.j2", "", "sub"):
+        with pytest.raises(TemplateError, match=r"not found in: .*first.*second"):
+            templates.template_source(refused)
+        with pytest.raises(TemplateError, match="not found"):
+            render(refused, {})
+    with pytest.raises(TemplateError, match="does-not-exist"):
+        templates.prints_markers("sub/x.sh.j2", extra_dirs=[tmp_path / "does-not-exist"])
+
+
 # -- the shipped init.sh.j2 -------------------------------------------------------------------
 
 
@@ -386,8 +409,8 @@ def test_shipped_init_keeps_hostile_values_as_data(tmp_path: Path) -> None:
 
 
 def test_shipped_init_with_quiet_console() -> None:
-    assert "/proc/sys/kernel/printk" in shipped({"quiet_console": True})
-    assert "/proc/sys/kernel/printk" not in shipped({"quiet_console": False})
+    assert "echo 1 > /proc/sys/kernel/printk" in shipped({"quiet_console": True})
+    assert "echo 1 > /proc/sys/kernel/printk" not in shipped({"quiet_console": False})
 
 
 def test_shipped_init_rejects_unknown_variables_it_uses(tmp_path: Path) -> None:
