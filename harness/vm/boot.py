@@ -695,10 +695,12 @@ class Vm:
                 )
             except ConsoleClosed:
                 raise self._closed_error("loader") from None
-        if self.markers:
-            self.expect_marker("INIT-START", phase="kernel")
-        else:
-            self._expect(INIT_START_REGEX, "kernel", awaited="the kernel starting the init")
+        # The kernel's log streams for a second or more, and nothing waits on its lines.
+        with self.machine.console.gathering():
+            if self.markers:
+                self.expect_marker("INIT-START", phase="kernel")
+            else:
+                self._expect(INIT_START_REGEX, "kernel", awaited="the kernel starting the init")
 
     def expect_marker(
         self, *events: str, phase: str, timeout: float | None = None
