@@ -110,21 +110,13 @@ class Manifest:
         digest read where this process has not verified the file as it is now.
         """
         found: list[str] = []
-        # Plain strings, not Path objects, and one stat per file on the common path: a
-        # kernel package's entry holds ~4000 files and this runs on every use of it.
+        # Plain strings, not Path objects: a kernel package's entry holds ~4000 files and
+        # this runs on every use of it.
         base = str(self.entry)
         prefix = base.rstrip("/") + "/"
         sampled = {name for name, _ in self._largest(_SAMPLED_FILES)}
         for name, record in self.files.items():
             path = prefix + name if name else base
-            if not full and record.link is None and name not in sampled:
-                try:
-                    info = os.stat(path)
-                except OSError:
-                    pass  # _problem says what is wrong
-                else:
-                    if info.st_size == record.size and info.st_mtime_ns == record.mtime_ns:
-                        continue
             problem = _problem(path, record, self.method, full=full, sample=name in sampled)
             if problem:
                 found.append(f"{path}: {problem}")
@@ -264,7 +256,10 @@ def file_identity(path: str | Path) -> tuple[str, int, int, int, int, int]:
     Raises:
         OSError: ``path`` cannot be stat'ed.
     """
-    st = os.stat(path)
+    return _identity(path, os.stat(path))
+
+
+def _identity(path: str | Path, st: os.stat_result) -> tuple[str, int, int, int, int, int]:
     return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
@@ -322,14 +317,17 @@ def _problem(path: str | Path, record: FileRecord, method: str, *, full: bool, s
             return f"symlink missing ({error.strerror})"
         return "" if target == record.link else f"symlink points to {target}, not {record.link}"
     try:
-        identity = file_identity(path)
+        info = os.stat(path)
     except OSError as error:
         return f"missing ({error.strerror})"
-    size, mtime_ns = identity[3], identity[4]
+    size = info.st_size
     if size != record.size:
         return f"{size} bytes, the manifest says {record.size}: truncated or overwritten"
-    changed_time = record.mtime_ns and mtime_ns != record.mtime_ns
-    if not (full or changed_time) and (identity in _VERIFIED or not sample or not record.sample):
+    changed_time = record.mtime_ns and info.st_mtime_ns != record.mtime_ns
+    if not (full or changed_time or (sample and record.sample)):
+        return ""  # the common case, one stat: a kernel package's ~4000 files on every use
+    identity = _identity(path, info)
+    if not (full or changed_time) and identity in _VERIFIED:
         return ""
     try:
         if full or changed_time:
