@@ -278,17 +278,9 @@ def locked(path: str | os.PathLike[str], *, timeout: float | None = None) -> Ite
 
 # -- records
 
-Identity = tuple[str, int, int, int, int, int]
-
-
-def file_identity(path: Path) -> Identity:
-    """``path``, its device, inode, size and times: what changes when the file may have.
-
-    Raises:
-        OSError: ``path`` cannot be stat'ed.
-    """
-    st = path.stat()
-    return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+# A file's identity, as manifests compare it (:func:`harness.manifest.file_identity`).
+Identity = manifest.Identity
+file_identity = manifest.file_identity
 
 
 def recall(record: Path, key: str) -> Any:

@@ -244,13 +244,15 @@ def sample_digest(path: Path, size: int) -> str:
     return hasher.hexdigest()
 
 
+# A file's path, device, inode, size, modification and change times.
+Identity = tuple[str, int, int, int, int, int]
 # Per process: file identities whose content was verified, so repeated cheap checks of an
 # unchanged file cost one stat.
-_VERIFIED: set[tuple[str, int, int, int, int, int]] = set()
-_DIGESTS: dict[tuple[str, int, int, int, int, int], str] = {}
+_VERIFIED: set[Identity] = set()
+_DIGESTS: dict[Identity, str] = {}
 
 
-def file_identity(path: str | Path) -> tuple[str, int, int, int, int, int]:
+def file_identity(path: str | Path) -> Identity:
     """``path``, its device, inode, size and times: what changes when the file may have.
 
     Raises:
@@ -259,7 +261,7 @@ def file_identity(path: str | Path) -> tuple[str, int, int, int, int, int]:
     return _identity(path, os.stat(path))
 
 
-def _identity(path: str | Path, st: os.stat_result) -> tuple[str, int, int, int, int, int]:
+def _identity(path: str | Path, st: os.stat_result) -> Identity:
     return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
