@@ -30,9 +30,11 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from harness import cachefs, manifest
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +315,23 @@ def remember(record: Path, key: str, value: Any, inputs: Iterable[Identity]) -> 
         log.debug("record %s not kept: %s", record, error)
 
 
+def remembered(record: Path, key: str, source: Path, work_out: Callable[[], T]) -> T:
+    """``work_out()`` (JSON data made from the file ``source``: its digest, what a binary
+    says of itself), kept in ``record`` under ``key`` while ``source``'s identity stays the
+    same.
+
+    Raises:
+        OSError: ``source`` cannot be stat'ed; whatever ``work_out`` raises.
+    """
+    known = recall(record, key)
+    if known is not None:
+        return cast(T, known)
+    before = file_identity(source)
+    value = work_out()
+    remember(record, key, value, [before])
+    return value
+
+
 def remembered_digest(path: Path, record: Path, digest: Callable[[Path], str] = file_digest) -> str:
     """``digest(path)`` (SHA-256 of the content by default), kept in ``record`` while the
     file's identity stays the same.
@@ -321,10 +340,4 @@ def remembered_digest(path: Path, record: Path, digest: Callable[[Path], str] = 
         OSError: ``path`` cannot be read.
     """
     key = f"{digest.__module__}.{digest.__qualname__} {path}"
-    known = recall(record, key)
-    if isinstance(known, str):
-        return known
-    before = file_identity(path)
-    value = digest(path)
-    remember(record, key, value, [before])
-    return value
+    return str(remembered(record, key, path, lambda: digest(path)))

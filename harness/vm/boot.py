@@ -84,13 +84,7 @@ def qemu_version(qemu: str = "qemu-system-x86_64", *, cache_root: Path | None = 
     if cache_root is None:
         return _qemu_version(path)
     record = cache_root / "qemu" / f"version-{cache.digest([path])[:16]}.json"
-    known = cache.recall(record, path)
-    if isinstance(known, str):
-        return known
-    before = cache.file_identity(Path(path))
-    value = _qemu_version(path)
-    cache.remember(record, path, value, [before])
-    return value
+    return str(cache.remembered(record, path, Path(path), lambda: _qemu_version(path)))
 
 
 @functools.cache

@@ -38,7 +38,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.cache import cache_root, digest, file_identity, recall, remember
+from harness.cache import cache_root, digest, remembered
 
 log = logging.getLogger(__name__)
 
@@ -127,16 +127,13 @@ def qemu_features(qemu: str) -> QemuFeatures:
     if path is None:
         return _read_features(qemu)
     record = cache_root() / "qemu" / f"features-{digest([path])[:16]}.json"
-    known = recall(record, path)
-    if isinstance(known, dict):
-        return QemuFeatures(bool(known.get("seccomp")), bool(known.get("run_with_user")))
     try:
-        before = file_identity(Path(path))
+        known = remembered(
+            record, path, Path(path), lambda: dataclasses.asdict(_read_features(path))
+        )
     except OSError:
         return _read_features(qemu)
-    features = _read_features(path)
-    remember(record, path, dataclasses.asdict(features), [before])
-    return features
+    return QemuFeatures(bool(known.get("seccomp")), bool(known.get("run_with_user")))
 
 
 def _read_features(qemu: str) -> QemuFeatures:
